@@ -1,0 +1,93 @@
+"""Shared fixtures: a small Kermany-layout folder written on the fly, and short-run Hydra configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+from xray_cls.train import CONFIG_DIR
+
+# A run that touches every stage (fit, val, test on the full test split) in a few seconds.
+SHORT_RUN = [
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+]
+
+# (split, class folder as written, number of images); class folders in mixed case on purpose.
+FOLDER_LAYOUT = [
+    ("train", "NORMAL", 20),
+    ("train", "pneumonia", 30),
+    ("test", "Normal", 8),
+    ("test", "PNEUMONIA", 12),
+]
+
+
+def write_image(path: Path, label: int, index: int) -> None:
+    """Images of varied size, mode and format; PNEUMONIA ones brighter, so a model can learn."""
+    rng = np.random.default_rng(index)
+    height, width = 40 + 7 * (index % 5), 50 + 5 * (index % 3)
+    base = 90 + 80 * label
+    pixels = np.clip(rng.normal(base, 25, (height, width)), 0, 255).astype(np.uint8)
+    kind = index % 4
+    if kind == 0:
+        Image.fromarray(pixels, "L").save(path.with_suffix(".png"))
+    elif kind == 1:
+        Image.fromarray(np.stack([pixels] * 3, -1), "RGB").save(path.with_suffix(".jpeg"), quality=95)
+    elif kind == 2:
+        rgba = np.stack([pixels] * 3 + [np.full_like(pixels, 255)], -1)
+        Image.fromarray(rgba, "RGBA").save(path.with_suffix(".png"))
+    else:
+        Image.fromarray(pixels, "L").save(path.with_suffix(".JPG"), quality=95)
+
+
+def make_kermany_folder(root: Path, layout: list[tuple[str, str, int]] = FOLDER_LAYOUT) -> Path:
+    """root/{split}/{class}/ with images plus the junk real downloads carry."""
+    for split, class_dir, count in layout:
+        folder = root / split / class_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        label = int(class_dir.lower() == "pneumonia")
+        for i in range(count):
+            write_image(folder / f"img_{i:03d}", label, i + 100 * label)
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (folder / "._img_000.jpeg").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble file
+        (folder / "notes.txt").write_text("not an image")
+    (root / ".DS_Store").write_bytes(b"\x00")
+    return root
+
+
+def image_count(layout: list[tuple[str, str, int]], split: str) -> int:
+    return sum(n for s, _, n in layout if s == split)
+
+
+@pytest.fixture(scope="session")
+def kermany_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_kermany_folder(tmp_path_factory.mktemp("chest_xray"))
+
+
+def compose_config(output_dir: Path, overrides: list[str]) -> DictConfig:
+    """The real Hydra composition of conf/, as the CLI does it, with the run folder given."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m xray_cls ARGS` in a fresh process, as a user runs it."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "xray_cls", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

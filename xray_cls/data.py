@@ -1,0 +1,421 @@
+"""Chest X-ray data: the bundled PneumoniaMNIST `.npz` or a Kermany-layout image folder.
+
+Every split is decoded once into memory as a uint8 tensor (N, 1, H, W). Augmentation and
+normalization run on whole batches after they reach the device (`on_after_batch_transfer`), so
+they cost a few tensor ops per batch instead of a PIL pipeline per image.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from xray_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0 and 1, as in MedMNIST
+BUNDLED_NPZ = Path(__file__).parent / "bundled" / "pneumoniamnist.npz"
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+VAL_FOLDER_NAMES = ("val", "valid", "validation")
+SPLITS = ("train", "val", "test")
+
+
+# --- augmentation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Factors with the meaning of Keras' RandomContrast, RandomTranslation and RandomZoom.
+
+    contrast f: contrast scaled by a factor in [1-f, 1+f] around each image's mean.
+    translate f: shifted by up to f of the image size, independently along each axis.
+    zoom f: zoomed by a factor in [1-f, 1+f] (above 1 zooms out), aspect ratio kept.
+    """
+
+    contrast: float = 0.0
+    translate: float = 0.0
+    zoom: float = 0.0
+
+
+AUGMENT_PRESETS = {
+    "none": Augment(),
+    "mild": Augment(contrast=0.1, translate=0.12, zoom=0.13),
+    "strong": Augment(contrast=0.2, translate=0.23, zoom=0.27),
+}
+
+
+class BatchAugment(nn.Module):
+    """Random contrast, translation and zoom, drawn per image, applied to a whole batch at once.
+
+    torchvision's RandomAffine draws one set of parameters per call, i.e. per batch; this draws one
+    per image and samples all of them with a single `grid_sample`. Borders are reflected, as Keras
+    does by default.
+    """
+
+    def __init__(self, augment: Augment) -> None:
+        super().__init__()
+        self.augment = augment
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float (N, C, H, W) in [0, 1]; returns the same shape, still in [0, 1]."""
+        a, n = self.augment, images.shape[0]
+        if a.translate or a.zoom:
+            scale = 1 + a.zoom * _uniform(n, images)
+            # affine_grid spans [-1, 1], so a shift by a fraction f of the size is 2f.
+            shift = 2 * a.translate * _uniform((n, 2), images)
+            theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
+            theta[:, 0, 0] = scale
+            theta[:, 1, 1] = scale
+            theta[:, :, 2] = shift
+            grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+            images = F.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
+        if a.contrast:
+            factor = (1 + a.contrast * _uniform(n, images)).view(n, 1, 1, 1)
+            mean = images.mean(dim=(1, 2, 3), keepdim=True)
+            images = ((images - mean) * factor + mean).clamp(0, 1)
+        return images
+
+
+def _uniform(shape: int | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Uniform in [-1, 1] on the device of `like`, from the global (seeded) generator."""
+    return torch.rand(shape, device=like.device, dtype=like.dtype) * 2 - 1
+
+
+def augment_preset(name: str) -> Augment:
+    if name not in AUGMENT_PRESETS:
+        raise UserInputError(
+            f"data.aug={name!r} is not a known augmentation preset; expected one of "
+            f"{', '.join(AUGMENT_PRESETS)}"
+        )
+    return AUGMENT_PRESETS[name]
+
+
+# --- in-memory splits ---------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 1, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
+
+
+class SplitDataset(Dataset):
+    """A Split served a batch at a time: `__getitems__` indexes the tensors once per batch."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.images[i], self.split.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.split.images[index], self.split.labels[index]
+
+
+def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch  # __getitems__ already returns stacked tensors
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val) with `fraction` of each class in val, the same for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = max(1, round(fraction * len(members)))
+        val_parts.append(members[:n_val])
+        train_parts.append(members[n_val:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 (N, C, H, W) to (N, C, size, size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+# --- readers ------------------------------------------------------------------------------------
+
+
+def read_npz(path: Path) -> dict[str, Split]:
+    """MedMNIST layout: {train,val,test}_{images,labels}, images (N, H, W) or (N, H, W, C)."""
+    if not path.is_file():
+        raise UserInputError(f"data.path: {path} does not exist; expected a MedMNIST-style .npz file")
+    try:
+        archive = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"data.path: {path} is not a readable .npz file ({err})") from None
+    expected = [f"{split}_{part}" for split in SPLITS for part in ("images", "labels")]
+    missing = [key for key in expected if key not in archive.files]
+    if missing:
+        raise UserInputError(
+            f"data.path: {path} lacks the key(s) {', '.join(missing)}; expected {', '.join(expected)}"
+        )
+    splits = {}
+    for name in SPLITS:
+        images = torch.from_numpy(archive[f"{name}_images"])
+        if images.ndim == 4:  # colour MedMNIST sets: average to one channel, like folder images
+            images = images.float().mean(dim=-1).round().to(torch.uint8)
+        labels = torch.from_numpy(archive[f"{name}_labels"].reshape(-1).astype(np.int64))
+        splits[name] = Split(images.unsqueeze(1).contiguous(), labels)
+    return splits
+
+
+def find_subfolder(parent: Path, names: tuple[str, ...]) -> Path | None:
+    """The subfolder of `parent` whose name is one of `names`, ignoring case."""
+    wanted = {n.lower() for n in names}
+    for child in sorted(parent.iterdir()):
+        if child.is_dir() and child.name.lower() in wanted:
+            return child
+    return None
+
+
+def list_images(split_dir: Path) -> tuple[list[Path], list[int], int]:
+    """(paths, labels, number of ignored files) below split_dir/{NORMAL,PNEUMONIA}."""
+    paths, labels, ignored = [], [], 0
+    for label, class_name in enumerate(CLASS_NAMES):
+        class_dir = find_subfolder(split_dir, (class_name,))
+        if class_dir is None:
+            found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+            raise UserInputError(
+                f"{split_dir} has no {class_name} folder; expected the class folders "
+                f"{' and '.join(CLASS_NAMES)} (any case), found {found or 'no folders'}"
+            )
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+        if not images:
+            raise UserInputError(
+                f"{class_dir} holds no images; expected {', '.join(sorted(IMAGE_SUFFIXES))} files"
+            )
+        ignored += len(files) - len(images)
+        paths += images
+        labels += [label] * len(images)
+    return paths, labels, ignored
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """One image file as a uint8 (size, size) grayscale array."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.draft("L", (size, size))  # JPEG: let the decoder downscale by up to 8x for free
+            image.load()
+            gray = to_grayscale(image)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UserInputError(f"{path} is not a readable image ({err})") from None
+    return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def to_grayscale(image: Any) -> Any:
+    """8-bit grayscale from any PIL mode; 16- and 32-bit images are scaled, not clipped."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 255.0 if pixels.max() <= 255 else 65535.0
+        return Image.fromarray(np.clip(pixels / top * 255, 0, 255).round().astype(np.uint8))
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        span = max(pixels.max() - pixels.min(), 1e-12)
+        return Image.fromarray(((pixels - pixels.min()) / span * 255).round().astype(np.uint8))
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    return image.convert("L")
+
+
+def read_folder_split(split_dir: Path, size: int) -> Split:
+    paths, labels, ignored = list_images(split_dir)
+    if ignored:
+        log.info("%s: ignored %d file(s) that are not images", split_dir, ignored)
+    images = np.stack([read_image(p, size) for p in paths])
+    return Split(torch.from_numpy(images).unsqueeze(1), torch.tensor(labels))
+
+
+# --- the DataModule -----------------------------------------------------------------------------
+
+
+class XrayDataModule(L.LightningDataModule):
+    """Serves train/val/test splits; subclasses only say how to read them (`read_splits`)."""
+
+    def __init__(
+        self,
+        image_size: int | None = None,
+        batch_size: int = 32,
+        aug: str = "none",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0
+        ):
+            raise UserInputError(f"data.image_size={image_size!r} is not valid; expected a positive integer")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise UserInputError(f"data.batch_size={batch_size!r} is not valid; expected a positive integer")
+        self.requested_size = image_size
+        self.batch_size = batch_size
+        self.aug = aug
+        self.augment = BatchAugment(augment_preset(aug))
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.splits: dict[str, Split] = {}
+        self.mean = 0.0
+        self.std = 1.0
+
+    def read_splits(self) -> dict[str, Split]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:  # idempotent: the CLI reads the data once to size the network
+            return
+        self.splits = self.read_splits()
+        train = self.splits["train"].images.float() / 255
+        self.mean, self.std = train.mean().item(), max(train.std().item(), 1e-6)
+        for name, split in self.splits.items():
+            log.info("%s split: %d images, %s = %s", name, len(split), "/".join(CLASS_NAMES), split.class_counts())
+        log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)
+
+    @property
+    def image_size(self) -> int:
+        return self.splits["train"].images.shape[-1]
+
+    @property
+    def in_channels(self) -> int:
+        return self.splits["train"].images.shape[1]
+
+    def preprocess(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """uint8 images -> normalized float, augmented when `train`."""
+        x = images.float() / 255
+        if train:
+            x = self.augment(x)
+        return (x - self.mean) / self.std
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.preprocess(images, train=training), labels
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            SplitDataset(self.splits[name]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=_batch_as_is,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every checkpoint, so a trained model carries its own preprocessing.
+        return {"mean": self.mean, "std": self.std, "image_size": self.image_size, "class_names": list(CLASS_NAMES)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+
+
+class PneumoniaMNISTDataModule(XrayDataModule):
+    """MedMNIST `.npz` (the bundled 28 px PneumoniaMNIST by default) with its official splits."""
+
+    def __init__(self, path: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.path = Path(path) if path else BUNDLED_NPZ
+
+    def read_splits(self) -> dict[str, Split]:
+        splits = read_npz(self.path)
+        if self.requested_size is not None:
+            splits = {k: Split(resize_uint8(s.images, self.requested_size), s.labels) for k, s in splits.items()}
+        return splits
+
+
+class ImageFolderDataModule(XrayDataModule):
+    """Kermany/Kaggle layout: root/{train,test[,val]}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png}.
+
+    A missing val folder, or one with fewer than `min_val_images` images (Kaggle's has 16), is
+    replaced by a stratified `val_fraction` of train (its images, if any, join train first).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 64,
+        val_fraction: float = 0.1,
+        min_val_images: int = 100,
+        **kwargs: Any,
+    ) -> None:
+        if image_size is None:
+            raise UserInputError("data.image_size=None is not valid; expected a positive integer")
+        super().__init__(image_size=image_size, **kwargs)
+        if not root:
+            raise UserInputError("data.root is not set; expected data.root=/path/to/chest_xray")
+        if not 0 < val_fraction < 1:
+            raise UserInputError(f"data.val_fraction={val_fraction!r} is not valid; expected a number in (0, 1)")
+        self.root = Path(root).expanduser()
+        self.val_fraction = val_fraction
+        self.min_val_images = min_val_images
+
+    def read_splits(self) -> dict[str, Split]:
+        if not self.root.is_dir():
+            raise UserInputError(
+                f"data.root: {self.root} does not exist or is not a folder; expected a folder with "
+                "train/ and test/ (and optionally val/), each holding NORMAL/ and PNEUMONIA/"
+            )
+        size = self.requested_size
+        folders = {name: find_subfolder(self.root, (name,)) for name in ("train", "test")}
+        for name, folder in folders.items():
+            if folder is None:
+                found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+                raise UserInputError(
+                    f"data.root: {self.root} has no {name}/ folder; expected train/ and test/ "
+                    f"(and optionally val/), found {found or 'no folders'}"
+                )
+        train = read_folder_split(folders["train"], size)
+        test = read_folder_split(folders["test"], size)
+        val_dir = find_subfolder(self.root, VAL_FOLDER_NAMES)
+        val = read_folder_split(val_dir, size) if val_dir is not None else None
+        if val is not None and len(val) >= self.min_val_images:
+            return {"train": train, "val": val, "test": test}
+        if val is not None:
+            log.info("%s has only %d images (< data.min_val_images=%d): merged into train", val_dir, len(val), self.min_val_images)
+            train = Split(torch.cat([train.images, val.images]), torch.cat([train.labels, val.labels]))
+        train_index, val_index = stratified_split(train.labels, self.val_fraction, self.seed)
+        log.info("val split: a stratified %.0f%% of train (seed %d)", 100 * self.val_fraction, self.seed)
+        return {"train": train.subset(train_index), "val": train.subset(val_index), "test": test}

@@ -1,0 +1,163 @@
+"""`python -m xray_cls`: compose the config, train, test the best checkpoint, write the run's report.
+
+Everything a run writes goes under its Hydra output folder (`outputs/<date>/<time>/` by default):
+config.yaml, checkpoints/, tensorboard/, figures/, metrics.json and the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from xray_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+# conf/ sits beside the package in a source checkout and inside it in an installed wheel.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """One run: fit, test the best checkpoint, write metrics.json. Returns the metrics."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from xray_cls import report
+    from xray_cls.classifier import XrayClassifier
+    from xray_cls.data import CLASS_NAMES
+
+    # Lightning adds its own console handler; Hydra's handlers (console and the run's log file) suffice.
+    logging.getLogger("lightning").handlers.clear()
+    # The data lives in memory: loader worker processes would only add start-up time.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.14
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data, seed=cfg.seed)
+    datamodule.setup("fit")  # reads the data, so the network can be sized to it
+    net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    net_cfg.update(in_channels=datamodule.in_channels, image_size=datamodule.image_size)
+    module = XrayClassifier(
+        net=net_cfg,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        threshold=cfg.threshold,
+    )
+    input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
+    log.info("network:\n%s", report.network_summary(module.net, input_shape))
+
+    logger = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard", default_hp_metric=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        filename="best",
+        monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode,
+        save_last=True,
+    )
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir)
+    if trainer.is_global_zero:
+        logger.experiment.add_custom_scalars(report.CURVES_LAYOUT)
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - started
+    last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+
+    trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    results = module.test_results
+    metrics = {
+        "class_names": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[1],
+        "threshold": cfg.threshold,
+        "n_test": sum(map(sum, results["confusion_matrix"])),
+        "confusion_matrix": {
+            "rows": "true class",
+            "columns": "predicted class",
+            "matrix": results["confusion_matrix"],
+            **report.confusion_cells(results["confusion_matrix"]),
+        },
+        "test": results["scores"],
+        "last_epoch": last_epoch,
+        "best_checkpoint": {
+            "path": str(Path(checkpoint.best_model_path).relative_to(out_dir)),
+            "monitor": cfg.checkpoint.monitor,
+            "score": float(checkpoint.best_model_score),
+        },
+        "params": report.parameter_counts(module.net),
+        "epochs": trainer.current_epoch,
+        "train_seconds": round(train_seconds, 2),
+        "hparams": run_hparams(cfg, datamodule.image_size),
+    }
+    if trainer.is_global_zero:
+        write_run_report(metrics, results, logger, out_dir, trainer.global_step)
+    return metrics
+
+
+def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
+    """The settings a study compares runs by (TensorBoard's HParams columns)."""
+    return {
+        "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
+        "dropout": cfg.model.get("dropout", 0.0),
+        "aug": cfg.data.aug,
+        "lr": cfg.optimizer.lr,
+        "batch_size": cfg.data.batch_size,
+        "seed": cfg.seed,
+        "image_size": image_size,
+        "max_epochs": cfg.trainer.max_epochs,
+    }
+
+
+def write_run_report(metrics: dict[str, Any], results: dict[str, Any], logger: Any, out_dir: Path, step: int) -> None:
+    from xray_cls import report
+
+    report.save_figures(report.make_test_figures(results, metrics["class_names"]), out_dir / "figures", logger.experiment, step)
+    hp_metrics = {f"hparams/test_{k}": v for k, v in metrics["test"].items()}
+    hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics["last_epoch"].items() if k.endswith("/val")})
+    logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
+    logger.finalize("success")
+    report.write_json(out_dir / "metrics.json", metrics)
+    print(report.format_test_table(metrics), flush=True)
+    log.info("run folder: %s", out_dir)
+
+
+def _user_error(err: BaseException) -> UserInputError | None:
+    """The UserInputError behind `err`, also when Hydra's instantiate wrapped it."""
+    while err is not None:
+        if isinstance(err, UserInputError):
+            return err
+        err = err.__cause__
+    return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        metrics = train(cfg)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None or _in_multirun():
+            raise  # a bug gets its traceback; in a sweep Hydra records the failed run and goes on
+        print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+    return metrics["best_checkpoint"]["score"]
