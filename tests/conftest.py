@@ -21,6 +21,7 @@ SHORT_RUN = [
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=2",
     "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
 ]
 
 # (split, class folder as written, number of images); class folders in mixed case on purpose.

@@ -1,0 +1,125 @@
+"""End to end: real Hydra composition, Lightning Trainer, torchmetrics and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FOLDER_LAYOUT, SHORT_RUN, compose_config, image_count, run_cli
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from xray_cls.train import train
+
+EPOCHS = 2  # SHORT_RUN's trainer.max_epochs
+CURVE_TAGS = ["loss/train", "loss/val", "acc/train", "acc/val"]
+
+
+def load_events(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    return events.Reload()
+
+
+def assert_confusion_matrix_adds_up(metrics: dict[str, Any], n_test: int, n_positive: int) -> None:
+    cm = metrics["confusion_matrix"]
+    (tn, fp), (fn, tp) = cm["matrix"]
+    assert (cm["tn"], cm["fp"], cm["fn"], cm["tp"]) == (tn, fp, fn, tp)
+    assert tn + fp + fn + tp == metrics["n_test"] == n_test
+    assert fn + tp == n_positive
+    # torchmetrics' scores must agree with the matrix they came with.
+    test = metrics["test"]
+    assert test["accuracy"] == pytest.approx((tn + tp) / n_test, abs=1e-6)
+    assert test["recall"] == pytest.approx(tp / (tp + fn), abs=1e-6)
+    assert test["specificity"] == pytest.approx(tn / (tn + fp), abs=1e-6)
+    if tp + fp:
+        assert test["precision"] == pytest.approx(tp / (tp + fp), abs=1e-6)
+    assert 0 <= test["auroc"] <= 1
+
+
+def test_default_run_through_the_cli(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli([*SHORT_RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Test results: 624 images" in result.stdout
+    assert "total params" in result.stdout + result.stderr
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert_confusion_matrix_adds_up(metrics, n_test=624, n_positive=390)
+    assert metrics["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert metrics["epochs"] == EPOCHS
+    assert metrics["params"]["total"] == metrics["params"]["trainable"] > 0
+    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", metrics["best_checkpoint"]["path"], "train.log"):
+        assert (run_dir / name).is_file(), name
+    for name in ("confusion_matrix", "roc_curve", "pr_curve"):
+        assert (run_dir / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    config = OmegaConf.load(run_dir / "config.yaml")  # resolved: no interpolation left
+    assert config.data.batch_size == 32 and config.trainer.max_epochs == EPOCHS
+    assert config.paths.output_dir == str(run_dir)
+
+    events = load_events(run_dir)
+    tags = events.Tags()
+    for tag in CURVE_TAGS:
+        assert len(events.Scalars(tag)) == EPOCHS, tag
+    assert any(tag.startswith("lr-") for tag in tags["scalars"])
+    assert events.Scalars("test/accuracy")[0].value == pytest.approx(metrics["test"]["accuracy"])
+    assert {"test/confusion_matrix", "test/roc_curve", "test/pr_curve"} <= set(tags["images"])
+    layout = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    assert all(tag.encode() in layout for tag in CURVE_TAGS)
+
+
+def test_run_logs_its_hparams_with_metrics(tmp_path: Path) -> None:
+    train(compose_config(tmp_path, [*SHORT_RUN, "model=mlp", "model.dropout=0.25", "data.aug=mild"]))
+    content = load_events(tmp_path).PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert hparams["model"] == "mlp"
+    assert hparams["dropout"] == 0.25
+    assert hparams["aug"] == "mild"
+    assert hparams["batch_size"] == 32
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    assert {"hparams/test_accuracy", "hparams/test_auroc", "hparams/acc_val"} <= metric_tags
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=mlp"],
+        ["model=cnn", "model.dropout=0"],
+        ["data.aug=mild"],
+        ["data.aug=strong", "model=mlp", "model.dropout=0"],
+    ],
+    ids=["mlp", "cnn-no-dropout", "aug-mild", "aug-strong"],
+)
+def test_study_variants_run_end_to_end(tmp_path: Path, overrides: list[str]) -> None:
+    cfg = compose_config(tmp_path, [*SHORT_RUN, *overrides])
+    returned = train(cfg)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(returned))
+    assert_confusion_matrix_adds_up(written, n_test=624, n_positive=390)
+    assert written["hparams"]["model"] == cfg.model._target_.rsplit(".", 1)[-1].lower()
+    assert written["hparams"]["dropout"] == cfg.model.dropout
+    assert written["hparams"]["aug"] == cfg.data.aug
+
+
+def test_folder_run_end_to_end(tmp_path: Path, kermany_root: Path) -> None:
+    overrides = [*SHORT_RUN, "data=folder", f"data.root={kermany_root}", "data.image_size=32", "data.batch_size=8"]
+    metrics = train(compose_config(tmp_path, overrides))
+    n_test = image_count(FOLDER_LAYOUT, "test")
+    assert_confusion_matrix_adds_up(metrics, n_test=n_test, n_positive=12)
+    assert metrics["hparams"]["image_size"] == 32
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_the_seed_makes_a_run_repeatable(tmp_path: Path) -> None:
+    overrides = [*SHORT_RUN, "data.aug=strong", "seed=7"]
+    first = train(compose_config(tmp_path / "a", overrides))
+    second = train(compose_config(tmp_path / "b", overrides))
+    other = train(compose_config(tmp_path / "c", [*overrides, "seed=8"]))
+    assert first["test"] == second["test"]
+    assert first["last_epoch"] == second["last_epoch"]
+    assert first["last_epoch"] != other["last_epoch"]
