@@ -75,10 +75,11 @@ def kermany_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_kermany_folder(tmp_path_factory.mktemp("chest_xray"))
 
 
-def compose_config(output_dir: Path, overrides: list[str]) -> DictConfig:
+def compose_config(output_dir: Path, overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
     """The real Hydra composition of conf/, as the CLI does it, with the run folder given."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+        overrides = [f"paths.output_dir={output_dir}", *overrides]
+        return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

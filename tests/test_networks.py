@@ -8,7 +8,7 @@ from torch import nn
 
 from xray_cls.errors import UserInputError
 from xray_cls.networks import CNN, MLP
-from xray_cls.report import network_summary, parameter_counts
+from xray_cls.run_report import network_summary, parameter_counts
 
 
 def dense_params(widths: list[int]) -> int:

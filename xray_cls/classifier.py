@@ -21,6 +21,8 @@ from torchmetrics.classification import (
     BinarySpecificity,
 )
 
+from xray_cls.errors import TrainingDivergedError
+
 
 class XrayClassifier(L.LightningModule):
     """One logit per image, PNEUMONIA being the positive class.
@@ -72,6 +74,15 @@ class XrayClassifier(L.LightningModule):
         self.log("loss/train", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("acc/train", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Checked once an epoch, not every step: a per-step check would sync the GPU each batch.
+        loss = self.trainer.callback_metrics.get("loss/train")
+        if loss is not None and not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"training loss is {loss.item()} in epoch {self.current_epoch}; "
+                "try a lower optimizer.lr or check the data"
+            )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, probs, labels = self._step(batch)

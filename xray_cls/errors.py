@@ -1,9 +1,13 @@
-"""The one exception type for bad input from the user."""
+"""Errors a user can act on. The CLI prints them as one line, without a traceback."""
 
 
-class UserInputError(ValueError):
-    """A path, file or option the user gave is wrong.
+class RunError(Exception):
+    """A run cannot go on for a reason on the user's side; the message says what to change."""
 
-    The message names the input and what was expected; the CLI prints it as one line, without a
-    traceback, because the fix is on the user's side, not in the code.
-    """
+
+class UserInputError(RunError, ValueError):
+    """A path, file or option the user gave is wrong; the message names it and what was expected."""
+
+
+class TrainingDivergedError(RunError, FloatingPointError):
+    """The training loss stopped being finite."""

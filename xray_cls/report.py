@@ -1,144 +1,276 @@
-"""What a finished run leaves behind: metrics.json, figures (PNG and TensorBoard) and a console table."""
+"""The report of a sweep: `python -m xray_cls.report SWEEP_DIR`, also written at the end of every multirun.
+
+It reads only what the runs wrote (`.hydra/overrides.yaml`, `metrics.json` or `failed.json`, the
+TensorBoard event files), so a copied sweep folder can be reported again, and writes `report.md`,
+`summary.csv` and `figures/` into the sweep folder. The same runs give the same files.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+import argparse
+import csv
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from matplotlib.figure import Figure
-from torch import nn
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
-# TensorBoard "Custom Scalars" tab: train and val of one metric on one chart, like the study's curves.
-CURVES_LAYOUT = {
-    "curves": {
-        "loss": ["Multiline", ["loss/train", "loss/val"]],
-        "accuracy": ["Multiline", ["acc/train", "acc/val"]],
-    }
-}
+log = logging.getLogger(__name__)
 
-SCORE_LABELS = {
-    "accuracy": "accuracy",
-    "precision": "precision",
-    "recall": "recall (sensitivity)",
-    "specificity": "specificity",
-    "f1": "F1",
-    "auroc": "AUROC",
-}
-
-
-def parameter_counts(net: nn.Module) -> dict[str, int]:
-    params = list(net.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
-    return {"total": total, "trainable": trainable, "non_trainable": total - trainable}
+# (key, header, which value is best); the keys are summary.csv's columns after run/status/overrides.
+METRIC_COLUMNS = [
+    ("params", "params", None),
+    ("train_loss", "train loss", "min"),
+    ("train_acc", "train acc", "max"),
+    ("val_loss", "val loss", "min"),
+    ("val_acc", "val acc", "max"),
+    ("tn", "TN", None),
+    ("fp", "FP", "min"),
+    ("fn", "FN", "min"),
+    ("tp", "TP", None),
+    ("accuracy", "accuracy", "max"),
+    ("precision", "precision", "max"),
+    ("recall", "recall", "max"),
+    ("specificity", "specificity", "max"),
+    ("f1", "F1", "max"),
+    ("auroc", "AUROC", "max"),
+]
+BAR_METRICS = ["accuracy", "precision", "recall", "specificity"]
 
 
-def network_summary(net: nn.Module, input_shape: tuple[int, ...]) -> str:
-    """A Keras-style table: each layer's output shape and parameter count, then the totals."""
-    rows: list[tuple[str, str, str, int]] = []
+@dataclass
+class Run:
+    name: str
+    overrides: list[str]
+    status: str  # "ok", "failed" or "incomplete" (interrupted, or still running)
+    error: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
-    def record(name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            shape = str(tuple(output.shape[1:]))
-            rows.append((name, type(module).__name__, shape, sum(p.numel() for p in module.parameters())))
-
-        return hook
-
-    leaves = [(name, m) for name, m in net.named_modules() if name and not list(m.children())]
-    handles = [m.register_forward_hook(record(name)) for name, m in leaves]
-    was_training = net.training
-    try:
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, *input_shape))
-    finally:
-        net.train(was_training)
-        for handle in handles:
-            handle.remove()
-    counts = parameter_counts(net)
-    lines = [f"{type(net).__name__} on input {tuple(input_shape)}", f"  {'layer':<16}{'type':<12}{'output':<16}{'params':>10}"]
-    lines += [f"  {name:<16}{kind:<12}{shape:<16}{n:>10,}" for name, kind, shape, n in rows]
-    lines.append(f"  total params {counts['total']:,}, trainable {counts['trainable']:,}, non-trainable {counts['non_trainable']:,}")
-    return "\n".join(lines)
+    def row(self) -> dict[str, Any]:
+        m = self.metrics
+        if not m:
+            return {key: None for key, _, _ in METRIC_COLUMNS}
+        last, cells = m["last_epoch"], m["confusion_matrix"]
+        return {
+            "params": m["params"]["total"],
+            "train_loss": last.get("loss/train"),
+            "train_acc": last.get("acc/train"),
+            "val_loss": last.get("loss/val"),
+            "val_acc": last.get("acc/val"),
+            **{k: cells[k] for k in ("tn", "fp", "fn", "tp")},
+            **{k: m["test"][k] for k in ("accuracy", "precision", "recall", "specificity", "f1", "auroc")},
+        }
 
 
-def confusion_cells(matrix: list[list[int]]) -> dict[str, int]:
-    (tn, fp), (fn, tp) = matrix
-    return {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+def find_run_dirs(sweep_dir: Path) -> list[Path]:
+    """Hydra's run folders (those with .hydra/overrides.yaml), in job order."""
+    dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
+    return sorted(dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
-def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
-    counts = np.asarray(matrix)
-    fig = Figure(figsize=(4.2, 3.8), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(counts, cmap="Blues")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    ticks = range(len(class_names))
-    ax.set_xticks(ticks, class_names)
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"test confusion matrix (n={counts.sum()})")
-    for (row, col), count in np.ndenumerate(counts):
-        dark = count > counts.max() / 2
-        ax.text(col, row, str(count), ha="center", va="center", color="white" if dark else "black")
-    return fig
+def read_curves(run_dir: Path, tags: tuple[str, ...] = ("acc/val", "loss/val")) -> dict[str, list[float]]:
+    """Per-epoch values of `tags` from the run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader logs every file it opens
+    event_dir = run_dir / "tensorboard"
+    if not event_dir.is_dir():
+        return {}
+    events = EventAccumulator(str(event_dir), size_guidance={"scalars": 0}).Reload()
+    present = set(events.Tags()["scalars"])
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in tags if tag in present}
 
 
-def curve_figure(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, title: str) -> Figure:
-    fig = Figure(figsize=(4, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(x.numpy(), y.numpy())
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    return fig
+def read_run(run_dir: Path) -> Run:
+    import json
+
+    overrides = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
+    run = Run(name=run_dir.name, overrides=overrides, status="incomplete")
+    if (run_dir / "metrics.json").is_file():
+        run.status, run.metrics = "ok", json.loads((run_dir / "metrics.json").read_text())
+    elif (run_dir / "failed.json").is_file():
+        run.status, run.error = "failed", json.loads((run_dir / "failed.json").read_text())["error"]
+    else:
+        run.error = "no metrics.json: the run was interrupted or is still running"
+    run.curves = read_curves(run_dir)
+    return run
 
 
-def make_test_figures(results: dict[str, Any], class_names: list[str]) -> dict[str, Figure]:
-    fpr, tpr = results["roc"]
-    precision, recall = results["pr_curve"]
-    scores = results["scores"]
-    return {
-        "confusion_matrix": confusion_matrix_figure(results["confusion_matrix"], class_names),
-        "roc_curve": curve_figure(fpr, tpr, "false positive rate", "true positive rate", f"ROC (AUROC {scores['auroc']:.3f})"),
-        "pr_curve": curve_figure(recall, precision, "recall", "precision", "precision-recall"),
-    }
+def varying_overrides(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """(overrides common to every run, each run's other overrides)."""
+    common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)] if runs else []
+    return common, [[o for o in r.overrides if o not in common] for r in runs]
 
 
-def save_figures(figures: dict[str, Figure], folder: Path, writer: Any, step: int) -> None:
-    """Each figure as folder/<name>.png and as the TensorBoard image test/<name>."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, fig in figures.items():
-        fig.savefig(folder / f"{name}.png", dpi=120)
-        writer.add_figure(f"test/{name}", fig, global_step=step, close=False)
-    writer.flush()
+def best_values(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    best = {}
+    for key, _, better in METRIC_COLUMNS:
+        values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
+        if better and values:
+            best[key] = max(values) if better == "max" else min(values)
+    return best
 
 
-def format_test_table(metrics: dict[str, Any]) -> str:
-    names = metrics["class_names"]
-    (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
-    width = max(len(n) for n in names) + 2
+def _cell(value: Any, is_best: bool) -> str:
+    if value is None:
+        return ""
+    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"**{text}**" if is_best else text
+
+
+def write_summary_csv(path: Path, runs: list[Run]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "status", "overrides", *(k for k, _, _ in METRIC_COLUMNS), "error"])
+        for run in runs:
+            row = run.row()
+            writer.writerow([run.name, run.status, " ".join(run.overrides), *(row[k] for k, _, _ in METRIC_COLUMNS), run.error])
+
+
+def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], figures: list[str]) -> None:
+    common, varying = varying_overrides(runs)
+    rows = [run.row() for run in runs]
+    best = best_values(rows)
+    n_ok = sum(r.status == "ok" for r in runs)
     lines = [
-        f"Test results: {metrics['n_test']} images, threshold {metrics['threshold']:.2f}, "
-        f"positive class {metrics['positive_class']}",
-        *(f"  {label:<22}{metrics['test'][key]:.4f}" for key, label in SCORE_LABELS.items()),
-        "  confusion matrix (rows true, columns predicted):",
-        f"  {'':<{width}}{names[0]:>{width}}{names[1]:>{width}}",
-        f"  {names[0]:<{width}}{tn:>{width}}{fp:>{width}}",
-        f"  {names[1]:<{width}}{fn:>{width}}{tp:>{width}}",
+        f"# Sweep report: {sweep_dir.name}",
+        "",
+        f"{len(runs)} runs: {n_ok} finished, {sum(r.status == 'failed' for r in runs)} failed, "
+        f"{sum(r.status == 'incomplete' for r in runs)} incomplete. Test metrics are of each run's best "
+        "checkpoint; train and val columns are of its last epoch. The best value of each column is in bold.",
+        "",
+        f"Overrides common to all runs: `{' '.join(common)}`" if common else "No overrides common to all runs.",
+        "",
+        "| run | overrides | status | " + " | ".join(h for _, h, _ in METRIC_COLUMNS) + " |",
+        "|" + " --- |" * (3 + len(METRIC_COLUMNS)),
     ]
-    return "\n".join(lines)
+    for run, own, row in zip(runs, varying, rows):
+        cells = [_cell(row[k], row[k] is not None and row[k] == best.get(k)) for k, _, _ in METRIC_COLUMNS]
+        lines.append(f"| {run.name} | `{' '.join(own)}` | {run.status} | " + " | ".join(cells) + " |")
+    problems = [r for r in runs if r.status != "ok"]
+    if problems:
+        lines += ["", "## Runs without results", ""]
+        lines += [f"- run {r.name} ({r.status}): {r.error}" for r in problems]
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{name.removesuffix('.png').replace('_', ' ')}](figures/{name})" for name in figures]
+    path.write_text("\n".join(lines) + "\n")
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Written to a temporary name, then renamed: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def curves_figure(runs: list[Run], tag: str, ylabel: str) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for run in runs:
+        values = run.curves.get(tag)
+        if values:
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=f"run {run.name}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncols=2)
+    return fig
+
+
+def confusion_grid_figure(runs: list[Run]) -> Any:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    ncols = min(4, len(runs))
+    nrows = math.ceil(len(runs) / ncols)
+    fig = Figure(figsize=(3 * ncols, 2.8 * nrows), layout="constrained")
+    for i, run in enumerate(runs):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        counts = np.asarray(run.metrics["confusion_matrix"]["matrix"])
+        names = run.metrics["class_names"]
+        ax.imshow(counts, cmap="Blues")
+        ax.set_xticks([0, 1], names, fontsize="small")
+        ax.set_yticks([0, 1], names, fontsize="small")
+        ax.set_title(f"run {run.name}", fontsize="small")
+        for (r, c), n in np.ndenumerate(counts):
+            ax.text(c, r, str(n), ha="center", va="center", color="white" if n > counts.max() / 2 else "black")
+    fig.supxlabel("predicted")
+    fig.supylabel("true")
+    return fig
+
+
+def scores_bar_figure(runs: list[Run]) -> Any:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6, 0.9 * len(runs) + 2), 4), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(runs))
+    width = 0.8 / len(BAR_METRICS)
+    for i, metric in enumerate(BAR_METRICS):
+        ax.bar(x + (i - (len(BAR_METRICS) - 1) / 2) * width, [r.metrics["test"][metric] for r in runs], width, label=metric)
+    ax.set_xticks(x, [f"run {r.name}" for r in runs], fontsize="small")
+    ax.set_ylim(0, 1.2)  # headroom for the legend
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_ylabel("test")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncols=4, loc="upper center")
+    return fig
+
+
+def write_figures(folder: Path, runs: list[Run]) -> list[str]:
+    finished = [r for r in runs if r.status == "ok"]
+    if not finished:
+        return []
+    folder.mkdir(exist_ok=True)
+    figures = {
+        "val_accuracy.png": curves_figure(finished, "acc/val", "val accuracy"),
+        "val_loss.png": curves_figure(finished, "loss/val", "val loss"),
+        "confusion_matrices.png": confusion_grid_figure(finished),
+        "test_metrics.png": scores_bar_figure(finished),
+    }
+    for name, fig in figures.items():
+        fig.savefig(folder / name, dpi=100, metadata={"Software": None})
+    return list(figures)
+
+
+def write_report(sweep_dir: Path) -> Path:
+    """(Re)writes report.md, summary.csv and figures/ of a sweep folder; returns report.md's path."""
+    from xray_cls.errors import UserInputError
+
+    if not sweep_dir.is_dir():
+        raise UserInputError(f"{sweep_dir} is not a folder; expected a sweep folder such as outputs/multirun/<date>/<time>")
+    runs = [read_run(d) for d in find_run_dirs(sweep_dir)]
+    if not runs:
+        raise UserInputError(f"{sweep_dir} holds no runs; expected Hydra run folders with .hydra/overrides.yaml inside")
+    figures = write_figures(sweep_dir / "figures", runs)
+    write_summary_csv(sweep_dir / "summary.csv", runs)
+    report = sweep_dir / "report.md"
+    write_markdown(report, sweep_dir, runs, figures)
+    return report
+
+
+class SweepReport(Callback):
+    """Hydra callback (see conf/train.yaml): writes the report when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        report = write_report(Path(config.hydra.sweep.dir))
+        log.info("sweep report: %s", report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from xray_cls.errors import UserInputError
+
+    parser = argparse.ArgumentParser(prog="python -m xray_cls.report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. outputs/multirun/<date>/<time>")
+    args = parser.parse_args(argv)
+    try:
+        print(write_report(args.sweep_dir))
+    except UserInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from xray_cls.errors import UserInputError
+from xray_cls.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from xray_cls import report
+    from xray_cls import run_report
     from xray_cls.classifier import XrayClassifier
     from xray_cls.data import CLASS_NAMES
 
@@ -57,7 +57,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         threshold=cfg.threshold,
     )
     input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
-    log.info("network:\n%s", report.network_summary(module.net, input_shape))
+    log.info("network:\n%s", run_report.network_summary(module.net, input_shape))
 
     logger = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard", default_hp_metric=False)
     checkpoint = ModelCheckpoint(
@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir)
     if trainer.is_global_zero:
-        logger.experiment.add_custom_scalars(report.CURVES_LAYOUT)
+        logger.experiment.add_custom_scalars(run_report.CURVES_LAYOUT)
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "rows": "true class",
             "columns": "predicted class",
             "matrix": results["confusion_matrix"],
-            **report.confusion_cells(results["confusion_matrix"]),
+            **run_report.confusion_cells(results["confusion_matrix"]),
         },
         "test": results["scores"],
         "last_epoch": last_epoch,
@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "monitor": cfg.checkpoint.monitor,
             "score": float(checkpoint.best_model_score),
         },
-        "params": report.parameter_counts(module.net),
+        "params": run_report.parameter_counts(module.net),
         "epochs": trainer.current_epoch,
         "train_seconds": round(train_seconds, 2),
         "hparams": run_hparams(cfg, datamodule.image_size),
@@ -122,25 +122,32 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
 
 
 def write_run_report(metrics: dict[str, Any], results: dict[str, Any], logger: Any, out_dir: Path, step: int) -> None:
-    from xray_cls import report
+    from xray_cls import run_report
 
-    report.save_figures(report.make_test_figures(results, metrics["class_names"]), out_dir / "figures", logger.experiment, step)
+    run_report.save_figures(run_report.make_test_figures(results, metrics["class_names"]), out_dir / "figures", logger.experiment, step)
     hp_metrics = {f"hparams/test_{k}": v for k, v in metrics["test"].items()}
     hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics["last_epoch"].items() if k.endswith("/val")})
     logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
     logger.finalize("success")
-    report.write_json(out_dir / "metrics.json", metrics)
-    print(report.format_test_table(metrics), flush=True)
+    run_report.write_json(out_dir / "metrics.json", metrics)
+    print(run_report.format_test_table(metrics), flush=True)
     log.info("run folder: %s", out_dir)
 
 
-def _user_error(err: BaseException) -> UserInputError | None:
-    """The UserInputError behind `err`, also when Hydra's instantiate wrapped it."""
+def _run_error(err: BaseException | None) -> RunError | None:
+    """The RunError behind `err`, also when Hydra's instantiate wrapped it."""
     while err is not None:
-        if isinstance(err, UserInputError):
+        if isinstance(err, RunError):
             return err
         err = err.__cause__
     return None
+
+
+def error_line(err: BaseException) -> str:
+    """One line that says what went wrong: the user's mistake as is, a bug with its exception type."""
+    run_error = _run_error(err)
+    text = str(run_error) if run_error else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
 
 
 def _in_multirun() -> bool:
@@ -152,12 +159,25 @@ def _in_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
+    """Returns the best validation score (`checkpoint.monitor`): the objective of a sweeper."""
     try:
         metrics = train(cfg)
     except Exception as err:
-        user_error = _user_error(err)
-        if user_error is None or _in_multirun():
-            raise  # a bug gets its traceback; in a sweep Hydra records the failed run and goes on
-        print(f"error: {user_error}", file=sys.stderr)
+        if _in_multirun():
+            # One failed run must not stop a sweep: it leaves failed.json for the report, and
+            # NaN tells a sweeper such as Optuna that the trial failed.
+            if _run_error(err) is None:
+                log.exception("run failed")
+            else:
+                log.error("run failed: %s", error_line(err))
+            from xray_cls.run_report import write_json
+
+            out_dir = Path(cfg.paths.output_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(out_dir / "failed.json", {"status": "failed", "error": error_line(err)})
+            return float("nan")
+        if _run_error(err) is None:
+            raise  # a bug: keep its traceback
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
     return metrics["best_checkpoint"]["score"]

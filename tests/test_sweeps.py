@@ -1,0 +1,151 @@
+"""Multiruns through the real entry point: the sweep report, failed runs, HParams, launchers, Optuna."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import SHORT_RUN, compose_config, run_cli
+from hydra.utils import get_class
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from xray_cls import report
+
+FIGURES = ["val_accuracy.png", "val_loss.png", "confusion_matrices.png", "test_metrics.png"]
+
+
+def run_sweep(sweep_dir: Path, *args: str) -> None:
+    result = run_cli(["-m", *args, *SHORT_RUN, f"hydra.sweep.dir={sweep_dir}"], cwd=sweep_dir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def read_summary(sweep_dir: Path) -> list[dict[str, str]]:
+    with (sweep_dir / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four runs, the second and fourth failing on a bad override."""
+    sweep_dir = tmp_path_factory.mktemp("sweeps") / "sweep"
+    run_sweep(sweep_dir, "model=mlp,cnn", "data.aug=mild,bogus")
+    return sweep_dir
+
+
+def test_failed_runs_do_not_stop_the_sweep(sweep: Path) -> None:
+    rows = read_summary(sweep)
+    assert [(r["run"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed"), ("2", "ok"), ("3", "failed")]
+    for row in rows[1::2]:
+        assert "data.aug='bogus'" in row["error"] and "expected one of none, mild, strong" in row["error"]
+        assert "data.aug=bogus" in row["overrides"]
+        assert json.loads((sweep / row["run"] / "failed.json").read_text())["error"] == row["error"]
+
+
+def test_summary_agrees_with_each_runs_metrics(sweep: Path) -> None:
+    for row in read_summary(sweep):
+        if row["status"] != "ok":
+            continue
+        metrics = json.loads((sweep / row["run"] / "metrics.json").read_text())
+        cells = [int(row[k]) for k in ("tn", "fp", "fn", "tp")]
+        assert cells == [metrics["confusion_matrix"][k] for k in ("tn", "fp", "fn", "tp")]
+        assert sum(cells) == 624
+        for key in ("accuracy", "precision", "recall", "specificity", "f1", "auroc"):
+            assert float(row[key]) == pytest.approx(metrics["test"][key])
+        assert float(row["val_acc"]) == pytest.approx(metrics["last_epoch"]["acc/val"])
+        assert int(row["params"]) == metrics["params"]["total"]
+
+
+def test_report_marks_the_best_and_links_existing_figures(sweep: Path) -> None:
+    text = (sweep / "report.md").read_text()
+    rows = [r for r in read_summary(sweep) if r["status"] == "ok"]
+    best_auroc = max(float(r["auroc"]) for r in rows)
+    assert f"**{best_auroc:.4f}**" in text
+    assert text.count("| failed |") == 2
+    assert "run 1 (failed): data.aug='bogus'" in text
+    for name in FIGURES:
+        assert f"(figures/{name})" in text
+        assert (sweep / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_rebuilds_identically_from_a_copied_folder(sweep: Path, tmp_path: Path) -> None:
+    copy = tmp_path / sweep.name
+    shutil.copytree(sweep, copy)
+    for name in ("report.md", "summary.csv"):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "figures")
+    report.main([str(copy)])
+    report.main([str(copy)])  # and again: idempotent
+    for name in ["report.md", "summary.csv", *(f"figures/{f}" for f in FIGURES)]:
+        assert (copy / name).read_bytes() == (sweep / name).read_bytes(), name
+
+
+def test_each_run_logs_hparams_for_the_hparams_dashboard(sweep: Path) -> None:
+    for run, model in (("0", "mlp"), ("2", "cnn")):
+        events = EventAccumulator(str(sweep / run / "tensorboard")).Reload()
+        content = events.PluginTagToContent("hparams")
+        start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        assert start.hparams["model"].string_value == model
+        assert start.hparams["aug"].string_value == "mild"
+        assert {"lr", "dropout", "batch_size", "seed", "image_size"} <= set(start.hparams)
+        experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        metric_tags = {m.name.tag for m in experiment.metric_infos}
+        assert {"hparams/test_accuracy", "hparams/acc_val", "hparams/loss_val"} <= metric_tags
+        for tag in metric_tags:  # every HParams metric column has its value in the run
+            assert events.Scalars(tag)
+
+
+def test_joblib_launcher_runs_a_sweep_in_parallel_processes(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "joblib"
+    run_sweep(sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=mlp,cnn")
+    rows = read_summary(sweep_dir)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    hydra_cfg = yaml.safe_load((sweep_dir / "0" / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert "JoblibLauncher" in hydra_cfg["launcher"]["_target_"]
+
+
+def test_optuna_search_returns_the_validation_objective(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    run_sweep(sweep_dir, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    scores = [json.loads((sweep_dir / r / "metrics.json").read_text())["best_checkpoint"] for r in ("0", "1")]
+    assert all(s["monitor"] == "auroc/val" for s in scores)
+    assert results["best_value"] == pytest.approx(max(s["score"] for s in scores))
+    assert set(results["best_params"]) == {"optimizer.lr", "model.dropout", "data.aug"}
+    assert len(read_summary(sweep_dir)) == 2
+
+
+def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra_cfg=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+
+
+def test_study_experiment_is_the_twelve_run_study(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ["+experiment=study"], hydra_cfg=True)
+    params = cfg.hydra.sweeper.params
+    grid = list(itertools.product(*(str(v).split(",") for v in params.values())))
+    assert len(grid) == 12
+    assert set(params) == {"model", "model.dropout", "data.aug"}
+
+
+def test_report_of_an_interrupted_run(tmp_path: Path, sweep: Path) -> None:
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    (copy / "2" / "metrics.json").unlink()
+    report.write_report(copy)
+    statuses = [r["status"] for r in read_summary(copy)]
+    assert statuses == ["ok", "failed", "incomplete", "failed"]
+
+
+def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"error: {tmp_path} holds no runs" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""What a finished run leaves behind: metrics.json, figures (PNG and TensorBoard) and a console table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+# TensorBoard "Custom Scalars" tab: train and val of one metric on one chart, like the study's curves.
+CURVES_LAYOUT = {
+    "curves": {
+        "loss": ["Multiline", ["loss/train", "loss/val"]],
+        "accuracy": ["Multiline", ["acc/train", "acc/val"]],
+    }
+}
+
+SCORE_LABELS = {
+    "accuracy": "accuracy",
+    "precision": "precision",
+    "recall": "recall (sensitivity)",
+    "specificity": "specificity",
+    "f1": "F1",
+    "auroc": "AUROC",
+}
+
+
+def parameter_counts(net: nn.Module) -> dict[str, int]:
+    params = list(net.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return {"total": total, "trainable": trainable, "non_trainable": total - trainable}
+
+
+def network_summary(net: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """A Keras-style table: each layer's output shape and parameter count, then the totals."""
+    rows: list[tuple[str, str, str, int]] = []
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            shape = str(tuple(output.shape[1:]))
+            rows.append((name, type(module).__name__, shape, sum(p.numel() for p in module.parameters())))
+
+        return hook
+
+    leaves = [(name, m) for name, m in net.named_modules() if name and not list(m.children())]
+    handles = [m.register_forward_hook(record(name)) for name, m in leaves]
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, *input_shape))
+    finally:
+        net.train(was_training)
+        for handle in handles:
+            handle.remove()
+    counts = parameter_counts(net)
+    lines = [f"{type(net).__name__} on input {tuple(input_shape)}", f"  {'layer':<16}{'type':<12}{'output':<16}{'params':>10}"]
+    lines += [f"  {name:<16}{kind:<12}{shape:<16}{n:>10,}" for name, kind, shape, n in rows]
+    lines.append(f"  total params {counts['total']:,}, trainable {counts['trainable']:,}, non-trainable {counts['non_trainable']:,}")
+    return "\n".join(lines)
+
+
+def confusion_cells(matrix: list[list[int]]) -> dict[str, int]:
+    (tn, fp), (fn, tp) = matrix
+    return {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+
+
+def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
+    counts = np.asarray(matrix)
+    fig = Figure(figsize=(4.2, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names)
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test confusion matrix (n={counts.sum()})")
+    for (row, col), count in np.ndenumerate(counts):
+        dark = count > counts.max() / 2
+        ax.text(col, row, str(count), ha="center", va="center", color="white" if dark else "black")
+    return fig
+
+
+def curve_figure(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, title: str) -> Figure:
+    fig = Figure(figsize=(4, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(x.numpy(), y.numpy())
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def make_test_figures(results: dict[str, Any], class_names: list[str]) -> dict[str, Figure]:
+    fpr, tpr = results["roc"]
+    precision, recall = results["pr_curve"]
+    scores = results["scores"]
+    return {
+        "confusion_matrix": confusion_matrix_figure(results["confusion_matrix"], class_names),
+        "roc_curve": curve_figure(fpr, tpr, "false positive rate", "true positive rate", f"ROC (AUROC {scores['auroc']:.3f})"),
+        "pr_curve": curve_figure(recall, precision, "recall", "precision", "precision-recall"),
+    }
+
+
+def save_figures(figures: dict[str, Figure], folder: Path, writer: Any, step: int) -> None:
+    """Each figure as folder/<name>.png and as the TensorBoard image test/<name>."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, fig in figures.items():
+        fig.savefig(folder / f"{name}.png", dpi=120)
+        writer.add_figure(f"test/{name}", fig, global_step=step, close=False)
+    writer.flush()
+
+
+def format_test_table(metrics: dict[str, Any]) -> str:
+    names = metrics["class_names"]
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
+    width = max(len(n) for n in names) + 2
+    lines = [
+        f"Test results: {metrics['n_test']} images, threshold {metrics['threshold']:.2f}, "
+        f"positive class {metrics['positive_class']}",
+        *(f"  {label:<22}{metrics['test'][key]:.4f}" for key, label in SCORE_LABELS.items()),
+        "  confusion matrix (rows true, columns predicted):",
+        f"  {'':<{width}}{names[0]:>{width}}{names[1]:>{width}}",
+        f"  {names[0]:<{width}}{tn:>{width}}{fp:>{width}}",
+        f"  {names[1]:<{width}}{fn:>{width}}{tp:>{width}}",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Written to a temporary name, then renamed: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
