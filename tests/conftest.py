@@ -84,7 +84,7 @@ def compose_config(output_dir: Path, overrides: list[str], hydra_cfg: bool = Fal
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m xray_cls ARGS` in a fresh process, as a user runs it."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(cwd / ".cache")}
     return subprocess.run(
         [sys.executable, "-m", "xray_cls", *args],
         cwd=cwd,

@@ -295,3 +295,86 @@ def test_unknown_preset_lists_the_valid_ones() -> None:
 def test_image_size_must_be_a_positive_integer(size: object) -> None:
     with pytest.raises(UserInputError, match=f"data.image_size={size!r} is not valid; expected a positive integer"):
         PneumoniaMNISTDataModule(image_size=size)
+
+
+# --- the on-disk cache of decoded folders -------------------------------------------------------
+
+
+def cached_module(root: Path, cache: Path, size: int = 16) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(root=str(root), image_size=size, cache_dir=str(cache), seed=0)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture()
+def folder_copy(kermany_root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(kermany_root, tmp_path / "data"))
+
+
+def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(paths, size):  # noqa: ANN001, ANN202
+        raise AssertionError(f"decoded {len(paths)} images although the cache holds them")
+
+    monkeypatch.setattr("xray_cls.data.decode_images", fail)
+
+
+def test_second_run_reads_the_cache(folder_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = cached_module(folder_copy, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test
+    forbid_decoding(monkeypatch)
+    second = cached_module(folder_copy, tmp_path / "cache")
+    for name in ("train", "val", "test"):
+        assert torch.equal(first.splits[name].images, second.splits[name].images)
+        assert torch.equal(first.splits[name].labels, second.splits[name].labels)
+
+
+def test_added_file_invalidates_the_cache(folder_copy: Path, tmp_path: Path) -> None:
+    before = cached_module(folder_copy, tmp_path / "cache")
+    Image.new("L", (50, 50), 30).save(folder_copy / "test" / "Normal" / "new.png")
+    after = cached_module(folder_copy, tmp_path / "cache")
+    assert len(after.splits["test"]) == len(before.splits["test"]) + 1
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # the stale entry was replaced
+
+
+def test_removed_file_invalidates_the_cache(folder_copy: Path, tmp_path: Path) -> None:
+    before = cached_module(folder_copy, tmp_path / "cache")
+    next((folder_copy / "test" / "PNEUMONIA").glob("img_*")).unlink()
+    after = cached_module(folder_copy, tmp_path / "cache")
+    assert after.splits["test"].class_counts() == [8, before.splits["test"].class_counts()[1] - 1]
+
+
+def test_changed_file_invalidates_the_cache(folder_copy: Path, tmp_path: Path) -> None:
+    cached_module(folder_copy, tmp_path / "cache")
+    target = sorted((folder_copy / "test" / "Normal").glob("img_*"))[0]
+    Image.new("L", (64, 48), 7).save(target, format="PNG" if target.suffix == ".png" else "JPEG")
+    after = cached_module(folder_copy, tmp_path / "cache")
+    fresh = ImageFolderDataModule(root=str(folder_copy), image_size=16, seed=0)
+    fresh.setup()
+    assert torch.equal(after.splits["test"].images, fresh.splits["test"].images)
+    assert (after.splits["test"].images == 7).all(dim=(1, 2, 3)).sum() == 1
+
+
+def test_other_image_size_gets_its_own_entry(folder_copy: Path, tmp_path: Path) -> None:
+    cached_module(folder_copy, tmp_path / "cache", size=16)
+    bigger = cached_module(folder_copy, tmp_path / "cache", size=24)
+    assert bigger.splits["test"].images.shape[-2:] == (24, 24)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 4
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shape"])
+def test_corrupt_cache_is_rebuilt_not_trusted(folder_copy: Path, tmp_path: Path, damage: str) -> None:
+    cache = tmp_path / "cache"
+    first = cached_module(folder_copy, cache)
+    for entry in cache.glob("*.pt"):
+        if damage == "garbage":
+            entry.write_bytes(b"not a torch file")
+        elif damage == "truncated":
+            entry.write_bytes(entry.read_bytes()[:200])
+        else:
+            data = torch.load(entry, weights_only=True)
+            torch.save({"images": data["images"][:, :, :8, :8].contiguous(), "labels": data["labels"]}, entry)
+    rebuilt = cached_module(folder_copy, cache)
+    for name in ("train", "test"):
+        assert torch.equal(first.splits[name].images, rebuilt.splits[name].images)
+    for entry in cache.glob("*.pt"):  # and the rebuilt entries are sound again
+        assert torch.load(entry, weights_only=True)["images"].shape[-1] == 16

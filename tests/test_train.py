@@ -107,7 +107,8 @@ def test_study_variants_run_end_to_end(tmp_path: Path, overrides: list[str]) -> 
 
 
 def test_folder_run_end_to_end(tmp_path: Path, kermany_root: Path) -> None:
-    overrides = [*SHORT_RUN, "data=folder", f"data.root={kermany_root}", "data.image_size=32", "data.batch_size=8"]
+    overrides = [*SHORT_RUN, "data=folder", f"data.root={kermany_root}", "data.image_size=32", "data.batch_size=8",
+                 f"data.cache_dir={tmp_path / 'cache'}"]
     metrics = train(compose_config(tmp_path, overrides))
     n_test = image_count(FOLDER_LAYOUT, "test")
     assert_confusion_matrix_adds_up(metrics, n_test=n_test, n_positive=12)
@@ -123,3 +124,31 @@ def test_the_seed_makes_a_run_repeatable(tmp_path: Path) -> None:
     assert first["test"] == second["test"]
     assert first["last_epoch"] == second["last_epoch"]
     assert first["last_epoch"] != other["last_epoch"]
+
+
+def test_ddp_on_two_cpu_processes_counts_each_test_image_once(tmp_path: Path) -> None:
+    import lightning as L
+    import numpy as np
+
+    from xray_cls.classifier import XrayClassifier
+    from xray_cls.data import BUNDLED_NPZ, PneumoniaMNISTDataModule
+
+    # An odd test set: a sampler that pads the two shares with a repeat would count 624, not 623.
+    arrays = dict(np.load(BUNDLED_NPZ))
+    arrays["test_images"], arrays["test_labels"] = arrays["test_images"][:623], arrays["test_labels"][:623]
+    npz = tmp_path / "odd_test.npz"
+    np.savez(npz, **arrays)
+    run_dir = tmp_path / "ddp"
+    args = [*SHORT_RUN, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"data.path={npz}"]
+    result = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert_confusion_matrix_adds_up(metrics, n_test=623, n_positive=int(arrays["test_labels"].sum()))
+
+    # The same checkpoint evaluated by a single process gives the same matrix and scores.
+    module = XrayClassifier.load_from_checkpoint(run_dir / metrics["best_checkpoint"]["path"], map_location="cpu")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.test(module, datamodule=PneumoniaMNISTDataModule(path=str(npz)), verbose=False)
+    assert module.test_results["confusion_matrix"] == metrics["confusion_matrix"]["matrix"]
+    for key, value in module.test_results["scores"].items():
+        assert value == pytest.approx(metrics["test"][key], abs=1e-6), key

@@ -7,7 +7,10 @@ they cost a few tensor ops per batch instead of a PIL pipeline per image.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,12 +253,70 @@ def to_grayscale(image: Any) -> Any:
     return image.convert("L")
 
 
-def read_folder_split(split_dir: Path, size: int) -> Split:
+def decode_images(paths: list[Path], size: int) -> np.ndarray:
+    """uint8 (N, size, size); PIL releases the GIL while decoding, so threads use every core."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return np.stack(list(pool.map(read_image, paths, [size] * len(paths))))
+
+
+# The decoded, resized images of a split folder are cached on disk, keyed by every file's path,
+# size and modification time and by the image size: any change to them means a new key.
+CACHE_FORMAT = 1
+
+
+def cache_path(cache_dir: Path, split_dir: Path, paths: list[Path], labels: list[int], size: int) -> Path:
+    folder_id = hashlib.sha256(str(split_dir.resolve()).encode()).hexdigest()[:16]
+    content = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\n".encode())
+    for path, label in zip(paths, labels):
+        stat = path.stat()
+        content.update(f"{path}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return cache_dir / f"{folder_id}-{size}-{content.hexdigest()[:24]}.pt"
+
+
+def load_cached_split(path: Path, labels: list[int], size: int) -> Split | None:
+    """The cached split, or None when it is missing or does not hold what its key promises."""
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        images, cached_labels = cached["images"], cached["labels"]
+        valid = (
+            images.dtype == torch.uint8
+            and tuple(images.shape) == (len(labels), 1, size, size)
+            and cached_labels.tolist() == labels
+        )
+    except Exception:  # truncated, corrupt or foreign file: rebuild it, never trust it
+        valid = False
+    if not valid:
+        log.warning("image cache %s is unreadable or does not match its folder; rebuilding it", path)
+        return None
+    return Split(images, cached_labels)
+
+
+def save_cached_split(path: Path, split: Split) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):  # older versions of this folder
+        stale.unlink(missing_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"images": split.images, "labels": split.labels}, tmp)
+    os.replace(tmp, path)
+
+
+def read_folder_split(split_dir: Path, size: int, cache_dir: Path | None = None) -> Split:
     paths, labels, ignored = list_images(split_dir)
     if ignored:
         log.info("%s: ignored %d file(s) that are not images", split_dir, ignored)
-    images = np.stack([read_image(p, size) for p in paths])
-    return Split(torch.from_numpy(images).unsqueeze(1), torch.tensor(labels))
+    cache = cache_path(cache_dir, split_dir, paths, labels, size) if cache_dir else None
+    if cache is not None and (split := load_cached_split(cache, labels, size)) is not None:
+        log.info("%s: %d images from the cache %s", split_dir, len(paths), cache)
+        return split
+    split = Split(torch.from_numpy(decode_images(paths, size)).unsqueeze(1), torch.tensor(labels))
+    if cache is not None:
+        try:
+            save_cached_split(cache, split)
+        except OSError as err:  # a read-only or full disk costs speed, not the run
+            log.warning("could not write the image cache %s: %s", cache, err)
+    return split
 
 
 # --- the DataModule -----------------------------------------------------------------------------
@@ -271,6 +332,7 @@ class XrayDataModule(L.LightningDataModule):
         aug: str = "none",
         num_workers: int = 0,
         pin_memory: bool = False,
+        on_device: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -286,6 +348,7 @@ class XrayDataModule(L.LightningDataModule):
         self.augment = BatchAugment(augment_preset(aug))
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.on_device = on_device
         self.seed = seed
         self.splits: dict[str, Split] = {}
         self.mean = 0.0
@@ -325,14 +388,31 @@ class XrayDataModule(L.LightningDataModule):
         return self.preprocess(images, train=training), labels
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        split, sampler = self.splits[name], None
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self.on_device and device.type == "cuda":
+            # The splits are small: copied to the GPU once, every batch is then indexed there.
+            split = Split(split.images.to(device), split.labels.to(device))
+            self.splits[name] = split
+        dataset = SplitDataset(split)
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            # Lightning's default sampler pads the last batch with repeats; evaluation must count
+            # every image once, so each process takes a disjoint share instead.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
-            SplitDataset(self.splits[name]),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=_batch_as_is,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=0 if split.images.is_cuda else self.num_workers,
+            pin_memory=self.pin_memory and not split.images.is_cuda,
+            persistent_workers=self.num_workers > 0 and not split.images.is_cuda,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -379,6 +459,7 @@ class ImageFolderDataModule(XrayDataModule):
         image_size: int = 64,
         val_fraction: float = 0.1,
         min_val_images: int = 100,
+        cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         if image_size is None:
@@ -391,6 +472,7 @@ class ImageFolderDataModule(XrayDataModule):
         self.root = Path(root).expanduser()
         self.val_fraction = val_fraction
         self.min_val_images = min_val_images
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
 
     def read_splits(self) -> dict[str, Split]:
         if not self.root.is_dir():
@@ -407,10 +489,10 @@ class ImageFolderDataModule(XrayDataModule):
                     f"data.root: {self.root} has no {name}/ folder; expected train/ and test/ "
                     f"(and optionally val/), found {found or 'no folders'}"
                 )
-        train = read_folder_split(folders["train"], size)
-        test = read_folder_split(folders["test"], size)
+        train = read_folder_split(folders["train"], size, self.cache_dir)
+        test = read_folder_split(folders["test"], size, self.cache_dir)
         val_dir = find_subfolder(self.root, VAL_FOLDER_NAMES)
-        val = read_folder_split(val_dir, size) if val_dir is not None else None
+        val = read_folder_split(val_dir, size, self.cache_dir) if val_dir is not None else None
         if val is not None and len(val) >= self.min_val_images:
             return {"train": train, "val": val, "test": test}
         if val is not None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch import nn
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # TensorBoard "Custom Scalars" tab: train and val of one metric on one chart, like the study's curves.
 CURVES_LAYOUT = {
@@ -71,6 +73,8 @@ def confusion_cells(matrix: list[list[int]]) -> dict[str, int]:
 
 
 def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
+    from matplotlib.figure import Figure  # imported when a run ends, not at start-up
+
     counts = np.asarray(matrix)
     fig = Figure(figsize=(4.2, 3.8), layout="constrained")
     ax = fig.add_subplot()
@@ -89,6 +93,8 @@ def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> 
 
 
 def curve_figure(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, title: str) -> Figure:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4, 4), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(x.numpy(), y.numpy())

@@ -31,6 +31,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_only
 
     from xray_cls import run_report
     from xray_cls.classifier import XrayClassifier
@@ -41,9 +42,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The data lives in memory: loader worker processes would only add start-up time.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.14
+    # Logged values come from torchmetrics' compute(), which already reduced them across processes.
+    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    if rank_zero_only.rank == 0:  # DDP starts the other processes with the same config
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, seed=cfg.seed)
@@ -68,7 +72,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_last=True,
     )
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir)
+    callbacks += [instantiate(c) for c in cfg.callbacks.values()]
+    trainer = instantiate(
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir, precision=supported_precision(cfg.trainer)
+    )
     if trainer.is_global_zero:
         logger.experiment.add_custom_scalars(run_report.CURVES_LAYOUT)
 
@@ -77,7 +84,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
 
-    trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    if not checkpoint.best_model_path:  # e.g. stopped by max_steps before the first validation
+        log.warning("no checkpoint has a %s score: testing the weights of the last step", cfg.checkpoint.monitor)
+    trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None, verbose=False)
     results = module.test_results
     metrics = {
         "class_names": list(CLASS_NAMES),
@@ -93,9 +102,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test": results["scores"],
         "last_epoch": last_epoch,
         "best_checkpoint": {
-            "path": str(Path(checkpoint.best_model_path).relative_to(out_dir)),
+            "path": str(Path(checkpoint.best_model_path).relative_to(out_dir)) if checkpoint.best_model_path else None,
             "monitor": cfg.checkpoint.monitor,
-            "score": float(checkpoint.best_model_score),
+            "score": float(checkpoint.best_model_score) if checkpoint.best_model_path else float("nan"),
         },
         "params": run_report.parameter_counts(module.net),
         "epochs": trainer.current_epoch,
@@ -105,6 +114,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_run_report(metrics, results, logger, out_dir, trainer.global_step)
     return metrics
+
+
+def supported_precision(trainer_cfg: DictConfig) -> str:
+    """The configured precision, with bf16 replaced by fp16 on GPUs that lack bf16."""
+    import torch
+
+    precision = str(trainer_cfg.precision)
+    wants_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if precision.startswith("bf16") and wants_gpu and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16: using 16-mixed precision instead of %s", precision)
+        return "16-mixed"
+    return precision
 
 
 def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
