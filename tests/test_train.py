@@ -152,3 +152,18 @@ def test_ddp_on_two_cpu_processes_counts_each_test_image_once(tmp_path: Path) ->
     assert module.test_results["confusion_matrix"] == metrics["confusion_matrix"]["matrix"]
     for key, value in module.test_results["scores"].items():
         assert value == pytest.approx(metrics["test"][key], abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "precision,accelerator,expected",
+    [("auto", "cpu", "32-true"), ("auto", "auto", "32-true"), ("32-true", "auto", "32-true"), ("16-mixed", "cpu", "16-mixed")],
+)
+def test_precision_auto_is_full_precision_without_a_gpu(precision: str, accelerator: str, expected: str) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from xray_cls.train import supported_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: auto resolves to mixed precision here")
+    assert supported_precision(OmegaConf.create({"precision": precision, "accelerator": accelerator})) == expected

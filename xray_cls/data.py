@@ -319,6 +319,16 @@ def read_folder_split(split_dir: Path, size: int, cache_dir: Path | None = None)
     return split
 
 
+def pixel_mean_std(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of uint8 pixels scaled to [0, 1], from a histogram, so that a
+    large split is never copied to float."""
+    counts = torch.bincount(images.flatten(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean = (counts * values).sum() / counts.sum()
+    std = ((counts * (values - mean) ** 2).sum() / counts.sum()).sqrt()
+    return mean.item(), max(std.item(), 1e-6)
+
+
 # --- the DataModule -----------------------------------------------------------------------------
 
 
@@ -361,8 +371,7 @@ class XrayDataModule(L.LightningDataModule):
         if self.splits:  # idempotent: the CLI reads the data once to size the network
             return
         self.splits = self.read_splits()
-        train = self.splits["train"].images.float() / 255
-        self.mean, self.std = train.mean().item(), max(train.std().item(), 1e-6)
+        self.mean, self.std = pixel_mean_std(self.splits["train"].images)
         for name, split in self.splits.items():
             log.info("%s split: %d images, %s = %s", name, len(split), "/".join(CLASS_NAMES), split.class_counts())
         log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)

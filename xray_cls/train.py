@@ -117,12 +117,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def supported_precision(trainer_cfg: DictConfig) -> str:
-    """The configured precision, with bf16 replaced by fp16 on GPUs that lack bf16."""
+    """The precision to train in: `auto` is bf16-mixed on a GPU (16-mixed on GPUs without bf16)
+    and 32-true elsewhere; an explicit bf16 setting also falls back to 16-mixed on such GPUs."""
     import torch
 
     precision = str(trainer_cfg.precision)
-    wants_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-    if precision.startswith("bf16") and wants_gpu and not torch.cuda.is_bf16_supported():
+    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16-mixed" if on_gpu else "32-true"
+    if precision.startswith("bf16") and on_gpu and not torch.cuda.is_bf16_supported():
         log.warning("this GPU has no bf16: using 16-mixed precision instead of %s", precision)
         return "16-mixed"
     return precision
