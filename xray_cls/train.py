@@ -29,21 +29,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """One run: fit, test the best checkpoint, write metrics.json. Returns the metrics."""
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities import rank_zero_only
 
     from xray_cls import run_report
     from xray_cls.classifier import XrayClassifier
     from xray_cls.data import CLASS_NAMES
 
-    # Lightning adds its own console handler; Hydra's handlers (console and the run's log file) suffice.
-    logging.getLogger("lightning").handlers.clear()
-    # The data lives in memory: loader worker processes would only add start-up time.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.14
-    # Logged values come from torchmetrics' compute(), which already reduced them across processes.
-    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
+    quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP starts the other processes with the same config
@@ -63,21 +55,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     log.info("network:\n%s", run_report.network_summary(module.net, input_shape))
 
-    logger = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard", default_hp_metric=False)
-    checkpoint = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints",
-        filename="best",
-        monitor=cfg.checkpoint.monitor,
-        mode=cfg.checkpoint.mode,
-        save_last=True,
-    )
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
-    callbacks += [instantiate(c) for c in cfg.callbacks.values()]
-    trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir, precision=supported_precision(cfg.trainer)
-    )
-    if trainer.is_global_zero:
-        logger.experiment.add_custom_scalars(run_report.CURVES_LAYOUT)
+    trainer = build_trainer(cfg, out_dir)
+    checkpoint, logger = trainer.checkpoint_callback, trainer.logger
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -104,7 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": {
             "path": str(Path(checkpoint.best_model_path).relative_to(out_dir)) if checkpoint.best_model_path else None,
             "monitor": cfg.checkpoint.monitor,
-            "score": float(checkpoint.best_model_score) if checkpoint.best_model_path else float("nan"),
+            "score": float(checkpoint.best_model_score) if checkpoint.best_model_path else None,
         },
         "params": run_report.parameter_counts(module.net),
         "epochs": trainer.current_epoch,
@@ -114,6 +93,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_run_report(metrics, results, logger, out_dir, trainer.global_step)
     return metrics
+
+
+def quiet_libraries() -> None:
+    # Lightning adds its own console handler; Hydra's handlers (console and the run's log file) suffice.
+    logging.getLogger("lightning").handlers.clear()
+    # The data lives in memory: loader worker processes would only add start-up time.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.14
+    # Logged values come from torchmetrics' compute(), which already reduced them across processes.
+    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
+    """The configured Trainer, logging to out_dir/tensorboard and checkpointing to out_dir/checkpoints."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from xray_cls.run_report import CURVES_LAYOUT
+
+    logger = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard", default_hp_metric=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        filename="best",
+        monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode,
+        save_last=True,
+    )
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    callbacks += [instantiate(c) for c in cfg.callbacks.values()]
+    trainer = instantiate(
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir, precision=supported_precision(cfg.trainer)
+    )
+    if trainer.is_global_zero:
+        logger.experiment.add_custom_scalars(CURVES_LAYOUT)
+    return trainer
 
 
 def supported_precision(trainer_cfg: DictConfig) -> str:
@@ -204,4 +219,5 @@ def main(cfg: DictConfig) -> float:
             raise  # a bug: keep its traceback
         print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
-    return metrics["best_checkpoint"]["score"]
+    score = metrics["best_checkpoint"]["score"]
+    return float("nan") if score is None else score
