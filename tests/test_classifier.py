@@ -9,9 +9,10 @@ import torch
 from conftest import SHORT_RUN, compose_config
 from torchmetrics.classification import BinaryAccuracy
 
-from xray_cls.classifier import LossAccuracy
-from xray_cls.errors import TrainingDivergedError
-from xray_cls.train import train
+from xray_cls.classifier import LossAccuracy, XrayClassifier
+from xray_cls.errors import TrainingDivergedError, UserInputError
+from xray_cls.run_report import bootstrap_intervals
+from xray_cls.train import positive_class_weight, train
 
 
 def test_loss_accuracy_matches_torchmetrics_over_uneven_batches() -> None:
@@ -35,3 +36,47 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, [*SHORT_RUN, "optimizer.lr=1e30"])
     with pytest.raises(TrainingDivergedError, match="training loss is nan in epoch 0; try a lower optimizer.lr"):
         train(cfg)
+
+
+@pytest.mark.parametrize("setting,expected", [(None, None), ("balanced", 1214 / 3494), (2, 2.0), (0.5, 0.5)])
+def test_positive_class_weight(setting: object, expected: float | None) -> None:
+    assert positive_class_weight(setting, [1214, 3494]) == expected
+
+
+@pytest.mark.parametrize("setting", ["heavy", -1, 0, True])
+def test_invalid_positive_class_weight_is_named(setting: object) -> None:
+    with pytest.raises(UserInputError, match=f"loss.pos_weight={setting!r} is not valid"):
+        positive_class_weight(setting, [1, 1])
+
+
+def test_pos_weight_scales_the_loss_of_positive_images() -> None:
+    net = {"_target_": "xray_cls.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
+    optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    plain = XrayClassifier(net=net, optimizer=optimizer)
+    weighted = XrayClassifier(net=net, optimizer=optimizer, pos_weight=0.25)
+    logits, labels = torch.tensor([0.3, -1.2, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    per_image = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    weights = torch.where(labels == 1, 0.25, 1.0)
+    assert plain.loss(logits, labels).item() == pytest.approx(per_image.mean().item())
+    assert weighted.loss(logits, labels).item() == pytest.approx((per_image * weights).mean().item())
+
+
+def test_bootstrap_interval_of_accuracy_matches_the_binomial_spread() -> None:
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (400,))
+    right = torch.rand(400) < 0.8  # 80% of the calls are right
+    probs = torch.where(right, labels.float(), 1 - labels.float()) * 0.8 + 0.1
+    ci = bootstrap_intervals(probs, labels, 0.5, resamples=2000, confidence=0.95, seed=0)
+    accuracy = right.float().mean().item()
+    half_width = 1.96 * (accuracy * (1 - accuracy) / 400) ** 0.5
+    assert ci["accuracy"][0] == pytest.approx(accuracy - half_width, abs=0.01)
+    assert ci["accuracy"][1] == pytest.approx(accuracy + half_width, abs=0.01)
+    assert ci == bootstrap_intervals(probs, labels, 0.5, resamples=2000, confidence=0.95, seed=0)
+
+
+def test_bootstrap_of_a_perfect_ranking_is_certain() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    probs = torch.linspace(0.01, 0.99, 100)
+    ci = bootstrap_intervals(probs, labels, 0.5, resamples=200, confidence=0.95, seed=1)
+    assert ci["auroc"] == pytest.approx([1.0, 1.0])
+    assert ci["recall"] == [1.0, 1.0] and ci["specificity"] == [1.0, 1.0]

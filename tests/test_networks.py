@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from xray_cls.errors import UserInputError
-from xray_cls.networks import CNN, MLP
+from xray_cls.networks import CNN, MLP, ResNet
 from xray_cls.run_report import network_summary, parameter_counts
 
 
@@ -68,3 +68,21 @@ def test_summary_lists_layers_and_totals() -> None:
     assert "(64, 7, 7)" in text  # second conv block output after two poolings
     assert f"total params {parameter_counts(net)['total']:,}" in text
     assert net.training  # the summary's forward pass leaves the mode as it was
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (1, 64), (3, 32), (1, 128)])
+def test_resnet_gives_one_logit_per_image(channels: int, size: int) -> None:
+    net = ResNet(in_channels=channels, image_size=size)
+    assert net(torch.zeros(3, channels, size, size)).shape == (3,)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def test_resnet_size_does_not_depend_on_the_image_size_below_the_strided_stem() -> None:
+    assert parameter_counts(ResNet(1, 28))["total"] == parameter_counts(ResNet(1, 64))["total"]
+    small, big = ResNet(1, 28, widths=[8, 16]), ResNet(1, 28, widths=[16, 32])
+    assert parameter_counts(small)["total"] < parameter_counts(big)["total"]
+
+
+def test_resnet_dropout_zero_removes_dropout() -> None:
+    assert not [m for m in ResNet(1, 28, dropout=0).modules() if isinstance(m, nn.Dropout)]
+    assert [m.p for m in ResNet(1, 28, dropout=0.3).modules() if isinstance(m, nn.Dropout)] == [0.3]

@@ -49,6 +49,11 @@ def test_default_run_through_the_cli(tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert_confusion_matrix_adds_up(metrics, n_test=624, n_positive=390)
     assert metrics["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert metrics["test_ci"]["confidence"] == 0.95
+    for key in ("accuracy", "recall", "specificity", "auroc"):
+        low, high = metrics["test_ci"][key]
+        assert low <= metrics["test"][key] <= high, key
+    assert "95% CI" in result.stdout
     assert metrics["epochs"] == EPOCHS
     assert metrics["params"]["total"] == metrics["params"]["trainable"] > 0
     for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", metrics["best_checkpoint"]["path"], "train.log"):
@@ -92,8 +97,9 @@ def test_run_logs_its_hparams_with_metrics(tmp_path: Path) -> None:
         ["model=cnn", "model.dropout=0"],
         ["data.aug=mild"],
         ["data.aug=strong", "model=mlp", "model.dropout=0"],
+        ["model=resnet", "loss.pos_weight=balanced"],
     ],
-    ids=["mlp", "cnn-no-dropout", "aug-mild", "aug-strong"],
+    ids=["mlp", "cnn-no-dropout", "aug-mild", "aug-strong", "resnet-balanced"],
 )
 def test_study_variants_run_end_to_end(tmp_path: Path, overrides: list[str]) -> None:
     cfg = compose_config(tmp_path, [*SHORT_RUN, *overrides])

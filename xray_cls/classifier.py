@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -61,11 +62,13 @@ class XrayClassifier(L.LightningModule):
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
         threshold: float = 0.5,
+        pos_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its own curated hparams
         self.net: nn.Module = instantiate(net)
-        self.loss = nn.BCEWithLogitsLoss()
+        # pos_weight < 1 weighs PNEUMONIA, the majority class here, down (see conf/train.yaml: loss).
+        self.loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]) if pos_weight else None)
         # Epoch-level metrics are updated every step and logged once an epoch: self.log() on every
         # step costs Lightning about a millisecond, as much as a whole step of the MLP.
         self.train_stats, self.val_stats = LossAccuracy(threshold), LossAccuracy(threshold)
@@ -139,7 +142,11 @@ class XrayClassifier(L.LightningModule):
         self.log("loss/test", self.test_loss.compute())
         fpr, tpr, _ = self.test_roc.compute()
         precision, recall, _ = self.test_pr_curve.compute()
+        with self.test_roc.sync_context():  # every process's predictions, for the bootstrap
+            probs, labels = dim_zero_cat(self.test_roc.preds), dim_zero_cat(self.test_roc.target)
         self.test_results = {
+            "probs": probs.cpu(),
+            "labels": labels.cpu(),
             "scores": scores,
             "confusion_matrix": self.test_confusion.compute().tolist(),  # [[TN, FP], [FN, TP]]
             "roc": (fpr.cpu(), tpr.cpu()),

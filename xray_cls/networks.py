@@ -78,3 +78,46 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.flatten(self.features(x))).squeeze(1)
+
+
+class ResNet(nn.Module):
+    """A compact residual network with batch norm for 28 to 224 px inputs.
+
+    torchvision's ResNet BasicBlocks in `len(widths)` stages (the first keeps the resolution, each
+    later one halves it), a 3x3 stem that keeps small images whole (inputs of 96 px and more get
+    torchvision's strided stem and max-pool), global average pooling, dropout, one logit.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        widths: Sequence[int] = (16, 32, 64),
+        blocks_per_stage: int = 2,
+        dropout: float = 0.2,
+    ) -> None:
+        from torchvision.models.resnet import BasicBlock  # only runs that use it pay the import
+
+        super().__init__()
+        if image_size >= 96:
+            stem = [nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)]
+            stem += [nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
+        else:
+            stem = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        blocks: list[nn.Module] = []
+        channels = widths[0]
+        for stage, width in enumerate(widths):
+            for i in range(blocks_per_stage):
+                stride = 2 if stage > 0 and i == 0 else 1
+                downsample = None
+                if stride != 1 or channels != width:
+                    downsample = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+                blocks.append(BasicBlock(channels, width, stride=stride, downsample=downsample))
+                channels = width
+        self.features = nn.Sequential(*stem, *blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        dropout = _check_dropout(dropout)
+        self.head = nn.Sequential(*([nn.Dropout(dropout)] if dropout > 0 else []), nn.Linear(channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.features(x))).squeeze(1)

@@ -165,12 +165,16 @@ def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], figures: list[s
 def curves_figure(runs: list[Run], tag: str, ylabel: str) -> Any:
     from matplotlib.figure import Figure
 
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10" if len(runs) <= 10 else "tab20"]  # one distinct colour per run
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for run in runs:
+    for i, run in enumerate(runs):
         values = run.curves.get(tag)
         if values:
-            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=f"run {run.name}")
+            x = range(1, len(values) + 1)
+            ax.plot(x, values, marker="o", markersize=3, color=colors(i % colors.N), label=f"run {run.name}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -179,22 +183,17 @@ def curves_figure(runs: list[Run], tag: str, ylabel: str) -> Any:
 
 
 def confusion_grid_figure(runs: list[Run]) -> Any:
-    import numpy as np
     from matplotlib.figure import Figure
+
+    from xray_cls.run_report import draw_confusion_matrix
 
     ncols = min(4, len(runs))
     nrows = math.ceil(len(runs) / ncols)
     fig = Figure(figsize=(3 * ncols, 2.8 * nrows), layout="constrained")
     for i, run in enumerate(runs):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        counts = np.asarray(run.metrics["confusion_matrix"]["matrix"])
-        names = run.metrics["class_names"]
-        ax.imshow(counts, cmap="Blues")
-        ax.set_xticks([0, 1], names, fontsize="small")
-        ax.set_yticks([0, 1], names, fontsize="small")
+        draw_confusion_matrix(ax, run.metrics["confusion_matrix"]["matrix"], run.metrics["class_names"], "small")
         ax.set_title(f"run {run.name}", fontsize="small")
-        for (r, c), n in np.ndenumerate(counts):
-            ax.text(c, r, str(n), ha="center", va="center", color="white" if n > counts.max() / 2 else "black")
     fig.supxlabel("predicted")
     fig.supylabel("true")
     return fig

@@ -67,28 +67,55 @@ def network_summary(net: nn.Module, input_shape: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+def bootstrap_intervals(
+    probs: torch.Tensor, labels: torch.Tensor, threshold: float, resamples: int, confidence: float, seed: int
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of accuracy, sensitivity, specificity and AUROC, resampling
+    the test images with replacement."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(len(labels), (resamples, len(labels)), generator=generator)
+    p, y = probs[index], labels[index].bool()
+    called = p > threshold  # torchmetrics' rule for a positive call
+    values = {
+        "accuracy": (called == y).float().mean(1),
+        "recall": (called & y).sum(1) / y.sum(1).clamp(min=1),
+        "specificity": (~called & ~y).sum(1) / (~y).sum(1).clamp(min=1),
+        "auroc": torch.stack([binary_auroc(p[i], y[i].long(), validate_args=False) for i in range(resamples)]),
+    }
+    tail = (1 - confidence) / 2
+    levels = torch.tensor([tail, 1 - tail], dtype=torch.float64)
+    return {name: torch.quantile(v.double(), levels).tolist() for name, v in values.items()}
+
+
 def confusion_cells(matrix: list[list[int]]) -> dict[str, int]:
     (tn, fp), (fn, tp) = matrix
     return {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
 
 
-def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
-    from matplotlib.figure import Figure  # imported when a run ends, not at start-up
-
+def draw_confusion_matrix(ax: Any, matrix: list[list[int]], class_names: list[str], fontsize: str = "medium") -> Any:
+    """The counts as a heat map with each cell's number on it; returns the image for a colorbar."""
     counts = np.asarray(matrix)
-    fig = Figure(figsize=(4.2, 3.8), layout="constrained")
-    ax = fig.add_subplot()
     image = ax.imshow(counts, cmap="Blues")
-    fig.colorbar(image, ax=ax, shrink=0.8)
     ticks = range(len(class_names))
-    ax.set_xticks(ticks, class_names)
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"test confusion matrix (n={counts.sum()})")
+    ax.set_xticks(ticks, class_names, fontsize=fontsize)
+    ax.set_yticks(ticks, class_names, fontsize=fontsize)
     for (row, col), count in np.ndenumerate(counts):
         dark = count > counts.max() / 2
         ax.text(col, row, str(count), ha="center", va="center", color="white" if dark else "black")
+    return image
+
+
+def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
+    from matplotlib.figure import Figure  # imported when a run ends, not at start-up
+
+    fig = Figure(figsize=(4.2, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    fig.colorbar(draw_confusion_matrix(ax, matrix, class_names), ax=ax, shrink=0.8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test confusion matrix (n={np.asarray(matrix).sum()})")
     return fig
 
 
@@ -134,13 +161,21 @@ def format_test_table(metrics: dict[str, Any]) -> str:
     lines = [
         f"Test results: {metrics['n_test']} images, threshold {metrics['threshold']:.2f}, "
         f"positive class {metrics['positive_class']}",
-        *(f"  {label:<22}{metrics['test'][key]:.4f}" for key, label in SCORE_LABELS.items()),
+        *(f"  {label:<22}{metrics['test'][key]:.4f}{_interval(metrics, key)}" for key, label in SCORE_LABELS.items()),
         "  confusion matrix (rows true, columns predicted):",
         f"  {'':<{width}}{names[0]:>{width}}{names[1]:>{width}}",
         f"  {names[0]:<{width}}{tn:>{width}}{fp:>{width}}",
         f"  {names[1]:<{width}}{fn:>{width}}{tp:>{width}}",
     ]
     return "\n".join(lines)
+
+
+def _interval(metrics: dict[str, Any], key: str) -> str:
+    ci = metrics.get("test_ci", {})
+    if key not in ci:
+        return ""
+    low, high = ci[key]
+    return f"  ({100 * ci['confidence']:.0f}% CI {low:.4f}-{high:.4f})"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -51,6 +51,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
         threshold=cfg.threshold,
+        pos_weight=positive_class_weight(cfg.loss.pos_weight, datamodule.splits["train"].class_counts()),
     )
     input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     log.info("network:\n%s", run_report.network_summary(module.net, input_shape))
@@ -79,6 +80,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **run_report.confusion_cells(results["confusion_matrix"]),
         },
         "test": results["scores"],
+        "test_ci": {
+            "confidence": cfg.bootstrap.confidence,
+            "resamples": cfg.bootstrap.resamples,
+            **run_report.bootstrap_intervals(
+                results["probs"], results["labels"], cfg.threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed
+            ),
+        },
         "last_epoch": last_epoch,
         "best_checkpoint": {
             "path": str(Path(checkpoint.best_model_path).relative_to(out_dir)) if checkpoint.best_model_path else None,
@@ -93,6 +101,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_run_report(metrics, results, logger, out_dir, trainer.global_step)
     return metrics
+
+
+def positive_class_weight(setting: float | str | None, class_counts: list[int]) -> float | None:
+    """loss.pos_weight: null (no weighting), a number, or `balanced` (NORMAL / PNEUMONIA counts of train)."""
+    from xray_cls.errors import UserInputError
+
+    if setting is None:
+        return None
+    if setting == "balanced":
+        negatives, positives = class_counts
+        return negatives / positives
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool) and setting > 0:
+        return float(setting)
+    raise UserInputError(f"loss.pos_weight={setting!r} is not valid; expected null, balanced or a positive number")
 
 
 def quiet_libraries() -> None:
@@ -153,6 +175,7 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
         "dropout": cfg.model.get("dropout", 0.0),
         "aug": cfg.data.aug,
         "lr": cfg.optimizer.lr,
+        "pos_weight": "none" if cfg.loss.pos_weight is None else cfg.loss.pos_weight,
         "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
         "image_size": image_size,
