@@ -11,7 +11,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from xray_cls.classifier import LossAccuracy, XrayClassifier
 from xray_cls.errors import TrainingDivergedError, UserInputError
-from xray_cls.run_report import bootstrap_intervals
+from xray_cls.run_report import bootstrap_intervals, choose_threshold
 from xray_cls.train import positive_class_weight, train
 
 
@@ -80,3 +80,59 @@ def test_bootstrap_of_a_perfect_ranking_is_certain() -> None:
     ci = bootstrap_intervals(probs, labels, 0.5, resamples=200, confidence=0.95, seed=1)
     assert ci["auroc"] == pytest.approx([1.0, 1.0])
     assert ci["recall"] == [1.0, 1.0] and ci["specificity"] == [1.0, 1.0]
+
+
+def random_predictions(seed: int, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    probs = (0.35 * labels + 0.65 * torch.rand(n, generator=generator)).clamp(0, 1)
+    return probs, labels
+
+
+def rates(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> tuple[float, float]:
+    called, positive = probs > threshold, labels.bool()
+    return (called & positive).sum().item() / positive.sum().item(), (~called & ~positive).sum().item() / (~positive).sum().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_youden_threshold_beats_every_other_threshold(seed: int) -> None:
+    probs, labels = random_predictions(seed)
+    chosen = choose_threshold("youden", probs, labels, fixed=0.5, target_sensitivity=0.95)
+    sens, spec = rates(probs, labels, chosen["threshold"])
+    assert (sens, spec) == pytest.approx((chosen["val_sensitivity"], chosen["val_specificity"]))
+    for t in torch.linspace(0, 1, 501).tolist():  # an independent search over a fine grid
+        assert sum(rates(probs, labels, t)) <= sens + spec + 1e-9
+
+
+@pytest.mark.parametrize("target", [0.8, 0.95, 1.0])
+def test_sensitivity_threshold_is_the_highest_that_reaches_the_target(target: float) -> None:
+    probs, labels = random_predictions(3)
+    chosen = choose_threshold("sensitivity", probs, labels, fixed=0.5, target_sensitivity=target)
+    sens, _ = rates(probs, labels, chosen["threshold"])
+    assert sens >= target
+    above = probs[probs > chosen["threshold"]].min().item()  # the next cut up loses a positive
+    assert rates(probs, labels, above)[0] < target
+
+
+def test_fixed_threshold_reports_its_val_rates() -> None:
+    probs, labels = random_predictions(4)
+    chosen = choose_threshold("fixed", probs, labels, fixed=0.6, target_sensitivity=0.95)
+    assert chosen["threshold"] == 0.6
+    assert (chosen["val_sensitivity"], chosen["val_specificity"]) == pytest.approx(rates(probs, labels, 0.6))
+
+
+def test_unknown_threshold_rule_lists_the_rules() -> None:
+    probs, labels = random_predictions(5)
+    with pytest.raises(UserInputError, match="threshold_rule='best'.*expected one of fixed, youden, sensitivity"):
+        choose_threshold("best", probs, labels, fixed=0.5, target_sensitivity=0.95)
+
+
+def test_set_threshold_moves_every_thresholded_test_metric() -> None:
+    net = {"_target_": "xray_cls.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
+    module = XrayClassifier(net=net, optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
+    module.set_threshold(0.8)
+    probs, labels = torch.tensor([0.7, 0.9, 0.2]), torch.tensor([1, 1, 0])
+    module.test_confusion.update(probs, labels)
+    module.test_scores.update(probs, labels)
+    assert module.test_confusion.compute().tolist() == [[1, 0], [1, 1]]  # 0.7 is now NORMAL
+    assert module.test_scores.compute()["recall"].item() == pytest.approx(0.5)

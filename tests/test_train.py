@@ -97,7 +97,7 @@ def test_run_logs_its_hparams_with_metrics(tmp_path: Path) -> None:
         ["model=cnn", "model.dropout=0"],
         ["data.aug=mild"],
         ["data.aug=strong", "model=mlp", "model.dropout=0"],
-        ["model=resnet", "loss.pos_weight=balanced"],
+        ["model=resnet", "loss.pos_weight=balanced", "threshold_rule=youden"],
     ],
     ids=["mlp", "cnn-no-dropout", "aug-mild", "aug-strong", "resnet-balanced"],
 )
@@ -110,6 +110,10 @@ def test_study_variants_run_end_to_end(tmp_path: Path, overrides: list[str]) -> 
     assert written["hparams"]["model"] == cfg.model._target_.rsplit(".", 1)[-1].lower()
     assert written["hparams"]["dropout"] == cfg.model.dropout
     assert written["hparams"]["aug"] == cfg.data.aug
+    rule = written["threshold_rule"]
+    assert rule["rule"] == cfg.threshold_rule and written["threshold"] == rule["threshold"]
+    if rule["rule"] == "fixed":
+        assert written["threshold"] == cfg.threshold
 
 
 def test_folder_run_end_to_end(tmp_path: Path, kermany_root: Path) -> None:

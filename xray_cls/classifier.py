@@ -89,6 +89,22 @@ class XrayClassifier(L.LightningModule):
         self.test_pr_curve = BinaryPrecisionRecallCurve()
         self.test_results: dict[str, Any] = {}
 
+    def set_threshold(self, threshold: float) -> None:
+        """The threshold the test metrics call PNEUMONIA above (chosen on val after training)."""
+        for metric in (*self.test_scores.values(), self.test_confusion):
+            if hasattr(metric, "threshold"):
+                metric.threshold = threshold
+
+    @torch.no_grad()
+    def predict_probabilities(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """Probabilities of PNEUMONIA for preprocessed images, in eval mode, batch by batch."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([torch.sigmoid(self(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+        finally:
+            self.train(was_training)
+
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":  # tensor cores want NHWC; the conv outputs follow the weights
             self.net.to(memory_format=torch.channels_last)

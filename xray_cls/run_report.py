@@ -67,6 +67,44 @@ def network_summary(net: nn.Module, input_shape: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+THRESHOLD_RULES = ("fixed", "youden", "sensitivity")
+
+
+def choose_threshold(
+    rule: str, probs: torch.Tensor, labels: torch.Tensor, fixed: float, target_sensitivity: float
+) -> dict[str, Any]:
+    """The decision threshold by `rule`, from validation predictions, with the val sensitivity and
+    specificity at it. An image is called PNEUMONIA when its probability is above the threshold.
+
+    fixed: `fixed`. youden: the one maximizing sensitivity + specificity - 1. sensitivity: the
+    highest one whose sensitivity is at least `target_sensitivity` (the best specificity there).
+    """
+    from xray_cls.errors import UserInputError
+
+    if rule not in THRESHOLD_RULES:
+        raise UserInputError(f"threshold_rule={rule!r} is not known; expected one of {', '.join(THRESHOLD_RULES)}")
+    if not 0 < target_sensitivity <= 1:
+        raise UserInputError(f"target_sensitivity={target_sensitivity!r} is not valid; expected a number in (0, 1]")
+    positive = labels.bool()
+    values = torch.unique(probs.double())  # sorted; cutting halfway between neighbours avoids ties
+    candidates = torch.cat([values[:1] / 2, (values[1:] + values[:-1]) / 2, (values[-1:] + 1) / 2])
+    called = probs.double()[None, :] > candidates[:, None]
+    sensitivity = (called & positive).sum(1) / positive.sum().clamp(min=1)
+    specificity = (~called & ~positive).sum(1) / (~positive).sum().clamp(min=1)
+    if rule == "fixed":
+        threshold = float(fixed)
+        at = probs.double() > threshold
+        sens = ((at & positive).sum() / positive.sum().clamp(min=1)).item()
+        spec = ((~at & ~positive).sum() / (~positive).sum().clamp(min=1)).item()
+    else:
+        if rule == "youden":
+            best = int(torch.argmax(sensitivity + specificity))
+        else:  # sensitivity falls as the threshold rises: take the last one that still reaches the target
+            best = int(torch.nonzero(sensitivity >= target_sensitivity).max())
+        threshold, sens, spec = candidates[best].item(), sensitivity[best].item(), specificity[best].item()
+    return {"rule": rule, "threshold": threshold, "val_sensitivity": sens, "val_specificity": spec}
+
+
 def bootstrap_intervals(
     probs: torch.Tensor, labels: torch.Tensor, threshold: float, resamples: int, confidence: float, seed: int
 ) -> dict[str, list[float]]:
@@ -159,8 +197,8 @@ def format_test_table(metrics: dict[str, Any]) -> str:
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
     width = max(len(n) for n in names) + 2
     lines = [
-        f"Test results: {metrics['n_test']} images, threshold {metrics['threshold']:.2f}, "
-        f"positive class {metrics['positive_class']}",
+        f"Test results: {metrics['n_test']} images, positive class {metrics['positive_class']}, "
+        f"threshold {metrics['threshold']:.4f} ({_rule_text(metrics)})",
         *(f"  {label:<22}{metrics['test'][key]:.4f}{_interval(metrics, key)}" for key, label in SCORE_LABELS.items()),
         "  confusion matrix (rows true, columns predicted):",
         f"  {'':<{width}}{names[0]:>{width}}{names[1]:>{width}}",
@@ -168,6 +206,16 @@ def format_test_table(metrics: dict[str, Any]) -> str:
         f"  {names[1]:<{width}}{fn:>{width}}{tp:>{width}}",
     ]
     return "\n".join(lines)
+
+
+def _rule_text(metrics: dict[str, Any]) -> str:
+    rule = metrics["threshold_rule"]
+    if rule["rule"] == "fixed":
+        return "fixed"
+    return (
+        f"{rule['rule']} rule on val: val sensitivity {rule['val_sensitivity']:.4f}, "
+        f"specificity {rule['val_specificity']:.4f}"
+    )
 
 
 def _interval(metrics: dict[str, Any], key: str) -> str:

@@ -49,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = XrayClassifier(
         net=net_cfg,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         threshold=cfg.threshold,
         pos_weight=positive_class_weight(cfg.loss.pos_weight, datamodule.splits["train"].class_counts()),
     )
@@ -66,12 +66,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if not checkpoint.best_model_path:  # e.g. stopped by max_steps before the first validation
         log.warning("no checkpoint has a %s score: testing the weights of the last step", cfg.checkpoint.monitor)
+    threshold = decide_threshold(cfg, module, datamodule, checkpoint.best_model_path)
+    module.set_threshold(threshold["threshold"])
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None, verbose=False)
     results = module.test_results
     metrics = {
         "class_names": list(CLASS_NAMES),
         "positive_class": CLASS_NAMES[1],
-        "threshold": cfg.threshold,
+        "threshold": threshold["threshold"],
+        "threshold_rule": threshold,
         "n_test": sum(map(sum, results["confusion_matrix"])),
         "confusion_matrix": {
             "rows": "true class",
@@ -84,7 +87,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "confidence": cfg.bootstrap.confidence,
             "resamples": cfg.bootstrap.resamples,
             **run_report.bootstrap_intervals(
-                results["probs"], results["labels"], cfg.threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed
+                results["probs"], results["labels"], threshold["threshold"], cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed
             ),
         },
         "last_epoch": last_epoch,
@@ -101,6 +104,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_run_report(metrics, results, logger, out_dir, trainer.global_step)
     return metrics
+
+
+def decide_threshold(cfg: DictConfig, module: Any, datamodule: Any, best_path: str) -> dict[str, Any]:
+    """The test threshold by `threshold_rule`, from the best checkpoint's predictions on val only."""
+    import torch
+
+    from xray_cls.run_report import choose_threshold
+
+    if best_path:
+        state = torch.load(best_path, map_location=module.device, weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    val = datamodule.splits["val"]
+    probs = module.predict_probabilities(datamodule.preprocess(val.images.to(module.device)))
+    chosen = choose_threshold(cfg.threshold_rule, probs.cpu(), val.labels.cpu(), cfg.threshold, cfg.target_sensitivity)
+    log.info(
+        "threshold %.4f (%s rule on val): val sensitivity %.4f, specificity %.4f",
+        chosen["threshold"], chosen["rule"], chosen["val_sensitivity"], chosen["val_specificity"],
+    )
+    return chosen
 
 
 def positive_class_weight(setting: float | str | None, class_counts: list[int]) -> float | None:
@@ -176,6 +198,7 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
         "aug": cfg.data.aug,
         "lr": cfg.optimizer.lr,
         "pos_weight": "none" if cfg.loss.pos_weight is None else cfg.loss.pos_weight,
+        "threshold_rule": cfg.threshold_rule,
         "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
         "image_size": image_size,

@@ -1,0 +1,80 @@
+"""Accuracy benchmark: `+experiment=best` against the study's default CNN, over several seeds.
+
+    python benchmarks/accuracy.py              # 3 seeds of each
+    python benchmarks/accuracy.py --seeds 5
+    python benchmarks/accuracy.py --quick      # one seed, one short epoch: a smoke test
+
+Everything about a run is chosen on the validation split (checkpoint, threshold); each run's
+test split is evaluated once, after training, and only reported here. The last line is
+machine-readable (RESULT ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+
+from xray_cls.train import CONFIG_DIR, train
+
+PUBLISHED = [  # ACC / AUROC on the same 624-image test set (MedMNIST v2 and its benchmarks)
+    ("ResNet-18, 28 px", 0.854, 0.944),
+    ("AutoKeras", 0.878, 0.947),
+    ("Google AutoML Vision", 0.946, 0.991),
+]
+
+
+def run(overrides: list[str], seed: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as out:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=[f"paths.output_dir={Path(out)}", f"seed={seed}", *overrides])
+        return train(cfg)
+
+
+def summarize(name: str, results: list[dict[str, Any]]) -> dict[str, float]:
+    print(f"\n{name}")
+    print(f"  {'seed':>4}  {'ACC':>6}  {'AUROC':>6}  {'sens':>6}  {'spec':>6}  {'threshold':>9}  {'train min':>9}")
+    for r in results:
+        t = r["test"]
+        print(
+            f"  {r['hparams']['seed']:>4}  {t['accuracy']:.4f}  {t['auroc']:.4f}  {t['recall']:.4f}  "
+            f"{t['specificity']:.4f}  {r['threshold']:>9.4f}  {r['train_seconds'] / 60:>9.2f}"
+        )
+    columns = {k: [r["test"][k] for r in results] for k in ("accuracy", "auroc", "recall", "specificity")}
+    means = {k: statistics.mean(v) for k, v in columns.items()}
+    stds = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in columns.items()}
+    print(
+        "  mean  " + "  ".join(f"{means[k]:.4f}" for k in columns) + "\n  std   " + "  ".join(f"{stds[k]:.4f}" for k in columns)
+    )
+    return {
+        "acc": means["accuracy"],
+        "auroc": means["auroc"],
+        "acc_std": stds["accuracy"],
+        "minutes": statistics.median(r["train_seconds"] / 60 for r in results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    parser.add_argument("--quick", action="store_true", help="one seed and one short epoch, as a smoke test")
+    args = parser.parse_args()
+    seeds = [1] if args.quick else list(range(1, args.seeds + 1))
+    quick = ["trainer.max_epochs=1", "trainer.limit_train_batches=10"] if args.quick else []
+    common = ["trainer.enable_progress_bar=false", *quick]
+
+    best = summarize("+experiment=best", [run(["+experiment=best", *common], s) for s in seeds])
+    baseline = summarize("the study's default CNN", [run(common, s) for s in seeds])
+    print("\npublished on the same test set (ACC / AUROC): " + ", ".join(f"{n} {a:.3f} / {u:.3f}" for n, a, u in PUBLISHED))
+    print(
+        f"RESULT acc={best['acc']:.4f} auroc={best['auroc']:.4f} acc_std={best['acc_std']:.4f} seeds={len(seeds)} "
+        f"minutes_per_run={best['minutes']:.2f} baseline_acc={baseline['acc']:.4f} baseline_auroc={baseline['auroc']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
