@@ -1,4 +1,4 @@
-"""The speed benchmark's smoke mode runs every measurement and ends with its machine-readable line."""
+"""The benchmarks' smoke modes run every measurement and end with their machine-readable line."""
 
 from __future__ import annotations
 
@@ -7,33 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "speed.py"
-KEYS = ["cnn_overhead", "mlp_overhead", "aug_cost", "startup", "folder_epoch2", "folder_rerun", "default_rss_mb"]
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+SPEED_KEYS = ["cnn_overhead", "mlp_overhead", "aug_cost", "startup", "folder_epoch2", "folder_rerun", "default_rss_mb"]
+ACCURACY_KEYS = ["acc", "auroc", "acc_std", "seeds", "minutes_per_run", "baseline_acc", "baseline_auroc"]
 
 
-def test_speed_benchmark_quick_mode(tmp_path: Path) -> None:
+def quick_result(script: str, keys: list[str], cwd: Path) -> dict[str, str]:
+    """Runs `script --quick` and returns its RESULT line's values, which must be exactly `keys`."""
     result = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--quick"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [sys.executable, str(BENCHMARKS / script), "--quick"], cwd=cwd, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
-    assert re.fullmatch("RESULT " + " ".join(rf"{k}=\d+(\.\d+)?" for k in KEYS), last), last
-    values = dict(item.split("=") for item in last.split()[1:])
+    assert re.fullmatch("RESULT " + " ".join(rf"{k}=\d+(\.\d+)?" for k in keys), last), last
+    return dict(item.split("=") for item in last.split()[1:])
+
+
+def test_speed_benchmark_quick_mode(tmp_path: Path) -> None:
+    values = quick_result("speed.py", SPEED_KEYS, tmp_path)
     assert all(float(v) > 0 for v in values.values())
     assert float(values["folder_rerun"]) < 1  # the second run reads the cache instead of decoding
 
 
-ACCURACY = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
-ACCURACY_KEYS = ["acc", "auroc", "acc_std", "seeds", "minutes_per_run", "baseline_acc", "baseline_auroc"]
-
-
 def test_accuracy_benchmark_quick_mode(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ACCURACY), "--quick"], cwd=tmp_path, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    last = result.stdout.strip().splitlines()[-1]
-    assert re.fullmatch("RESULT " + " ".join(rf"{k}=\d+(\.\d+)?" for k in ACCURACY_KEYS), last), last
-    values = dict(item.split("=") for item in last.split()[1:])
+    values = quick_result("accuracy.py", ACCURACY_KEYS, tmp_path)
     assert values["seeds"] == "1" and values["acc_std"] == "0.0000"
     assert 0 < float(values["acc"]) <= 1 and 0 < float(values["baseline_auroc"]) <= 1
