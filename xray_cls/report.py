@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import sys
@@ -87,8 +88,6 @@ def read_curves(run_dir: Path, tags: tuple[str, ...] = ("acc/val", "loss/val")) 
 
 
 def read_run(run_dir: Path) -> Run:
-    import json
-
     overrides = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
     run = Run(name=run_dir.name, overrides=overrides, status="incomplete")
     if (run_dir / "metrics.json").is_file():

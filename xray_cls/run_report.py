@@ -85,23 +85,22 @@ def choose_threshold(
         raise UserInputError(f"threshold_rule={rule!r} is not known; expected one of {', '.join(THRESHOLD_RULES)}")
     if not 0 < target_sensitivity <= 1:
         raise UserInputError(f"target_sensitivity={target_sensitivity!r} is not valid; expected a number in (0, 1]")
+    if rule == "fixed":
+        candidates = torch.tensor([float(fixed)], dtype=torch.float64)
+    else:
+        values = torch.unique(probs.double())  # sorted; cutting halfway between neighbours avoids ties
+        candidates = torch.cat([values[:1] / 2, (values[1:] + values[:-1]) / 2, (values[-1:] + 1) / 2])
     positive = labels.bool()
-    values = torch.unique(probs.double())  # sorted; cutting halfway between neighbours avoids ties
-    candidates = torch.cat([values[:1] / 2, (values[1:] + values[:-1]) / 2, (values[-1:] + 1) / 2])
     called = probs.double()[None, :] > candidates[:, None]
     sensitivity = (called & positive).sum(1) / positive.sum().clamp(min=1)
     specificity = (~called & ~positive).sum(1) / (~positive).sum().clamp(min=1)
     if rule == "fixed":
-        threshold = float(fixed)
-        at = probs.double() > threshold
-        sens = ((at & positive).sum() / positive.sum().clamp(min=1)).item()
-        spec = ((~at & ~positive).sum() / (~positive).sum().clamp(min=1)).item()
-    else:
-        if rule == "youden":
-            best = int(torch.argmax(sensitivity + specificity))
-        else:  # sensitivity falls as the threshold rises: take the last one that still reaches the target
-            best = int(torch.nonzero(sensitivity >= target_sensitivity).max())
-        threshold, sens, spec = candidates[best].item(), sensitivity[best].item(), specificity[best].item()
+        best = 0
+    elif rule == "youden":
+        best = int(torch.argmax(sensitivity + specificity))
+    else:  # sensitivity falls as the threshold rises: take the last one that still reaches the target
+        best = int(torch.nonzero(sensitivity >= target_sensitivity).max())
+    threshold, sens, spec = candidates[best].item(), sensitivity[best].item(), specificity[best].item()
     return {"rule": rule, "threshold": threshold, "val_sensitivity": sens, "val_specificity": spec}
 
 

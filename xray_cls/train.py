@@ -28,6 +28,7 @@ CONFIG_DIR = next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One run: fit, test the best checkpoint, write metrics.json. Returns the metrics."""
     import lightning as L
+    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -64,11 +65,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
 
-    if not checkpoint.best_model_path:  # e.g. stopped by max_steps before the first validation
+    if checkpoint.best_model_path:  # loaded once: the threshold rule and the test both use it
+        best = torch.load(checkpoint.best_model_path, map_location=module.device, weights_only=True)
+        module.load_state_dict(best["state_dict"])
+    else:  # e.g. stopped by max_steps before the first validation
         log.warning("no checkpoint has a %s score: testing the weights of the last step", cfg.checkpoint.monitor)
-    threshold = decide_threshold(cfg, module, datamodule, checkpoint.best_model_path)
+    threshold = decide_threshold(cfg, module, datamodule)
     module.set_threshold(threshold["threshold"])
-    trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None, verbose=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
     results = module.test_results
     metrics = {
         "class_names": list(CLASS_NAMES),
@@ -106,15 +110,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def decide_threshold(cfg: DictConfig, module: Any, datamodule: Any, best_path: str) -> dict[str, Any]:
-    """The test threshold by `threshold_rule`, from the best checkpoint's predictions on val only."""
-    import torch
-
+def decide_threshold(cfg: DictConfig, module: Any, datamodule: Any) -> dict[str, Any]:
+    """The test threshold by `threshold_rule`, from the module's predictions on val only."""
     from xray_cls.run_report import choose_threshold
 
-    if best_path:
-        state = torch.load(best_path, map_location=module.device, weights_only=True)["state_dict"]
-        module.load_state_dict(state)
     val = datamodule.splits["val"]
     probs = module.predict_probabilities(datamodule.preprocess(val.images.to(module.device)))
     chosen = choose_threshold(cfg.threshold_rule, probs.cpu(), val.labels.cpu(), cfg.threshold, cfg.target_sensitivity)
