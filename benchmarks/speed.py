@@ -112,7 +112,7 @@ def startup_seconds(workdir: Path) -> float:
     cmd = [
         sys.executable, "-m", "xray_cls", *QUIET, "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
         "+callbacks.first_step._target_=first_step.FirstStepStamp", f"+callbacks.first_step.path={stamp}",
-        f"hydra.run.dir={workdir / 'startup_run'}",
+        f"hydra.run.dir={tempfile.mkdtemp(dir=workdir)}",  # a new run folder each time
     ]
     started = time.time()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -202,10 +202,11 @@ def main() -> None:
         epoch1, epoch2, rerun = folder_epoch_seconds(root, cache, size=64)
 
         env = {**os.environ, "XDG_CACHE_HOME": str(work / "rss_cache")}
-        short = [*QUIET, "trainer.max_epochs=1", f"hydra.run.dir={work / 'rss'}"]
-        default_rss = peak_rss_mb([sys.executable, "-m", "xray_cls", *short], env)
+        short = [*QUIET, "trainer.max_epochs=1"]
+        default_rss = peak_rss_mb([sys.executable, "-m", "xray_cls", *short, f"hydra.run.dir={work / 'rss'}"], env)
         folder_rss = peak_rss_mb(
-            [sys.executable, "-m", "xray_cls", *short, "data=folder", f"data.root={root}", "data.image_size=64"], env
+            [sys.executable, "-m", "xray_cls", *short, f"hydra.run.dir={work / 'rss_folder'}", "data=folder",
+             f"data.root={root}", "data.image_size=64"], env
         )
 
     print()

@@ -75,21 +75,40 @@ def kermany_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_kermany_folder(tmp_path_factory.mktemp("chest_xray"))
 
 
-def compose_config(output_dir: Path, overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
-    """The real Hydra composition of conf/, as the CLI does it, with the run folder given."""
+def compose_config(output_dir: Path, overrides: list[str], hydra_cfg: bool = False, name: str = "train") -> DictConfig:
+    """The real Hydra composition of conf/<name>.yaml, as the CLI does it, with the output folder given."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         overrides = [f"paths.output_dir={output_dir}", *overrides]
-        return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
+        return compose(name, overrides=overrides, return_hydra_config=hydra_cfg)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m xray_cls ARGS` in a fresh process, as a user runs it."""
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "xray_cls") -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in a fresh process, as a user runs it."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(cwd / ".cache")}
     return subprocess.run(
-        [sys.executable, "-m", "xray_cls", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def cnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished short CNN run on the bundled data, its threshold chosen by the Youden rule."""
+    from xray_cls.train import train
+
+    run_dir = tmp_path_factory.mktemp("cnn_run")
+    train(compose_config(run_dir, ["model=cnn", "threshold_rule=youden", *SHORT_RUN]))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from xray_cls.train import train
+
+    run_dir = tmp_path_factory.mktemp("mlp_run")
+    train(compose_config(run_dir, ["model=mlp", *SHORT_RUN]))
+    return run_dir

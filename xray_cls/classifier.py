@@ -54,6 +54,8 @@ class XrayClassifier(L.LightningModule):
 
     The network, optimizer and scheduler are given as Hydra configs (`_target_` dicts) rather than
     objects, so that a checkpoint holds plain data and rebuilds the whole model by itself.
+    `preprocessing` (image_size, in_channels, mean, std of the train split) travels with it, so a
+    trained model prepares new images as it was trained, whatever the current config says.
     """
 
     def __init__(
@@ -63,6 +65,8 @@ class XrayClassifier(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         threshold: float = 0.5,
         pos_weight: float | None = None,
+        preprocessing: dict[str, Any] | None = None,
+        threshold_rule: dict[str, Any] | None = None,  # how `threshold` was chosen, once it was
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its own curated hparams
@@ -88,9 +92,11 @@ class XrayClassifier(L.LightningModule):
         self.test_roc = BinaryROC()
         self.test_pr_curve = BinaryPrecisionRecallCurve()
         self.test_results: dict[str, Any] = {}
+        self.threshold = threshold
 
     def set_threshold(self, threshold: float) -> None:
         """The threshold the test metrics call PNEUMONIA above (chosen on val after training)."""
+        self.threshold = threshold
         for metric in (*self.test_scores.values(), self.test_confusion):
             if hasattr(metric, "threshold"):
                 metric.threshold = threshold

@@ -12,6 +12,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xray_cls.errors import UserInputError
 
@@ -138,6 +139,27 @@ class SplitDataset(Dataset):
         return self.split.images[index], self.split.labels[index]
 
 
+class EpochShuffle(Sampler[int]):
+    """Train order drawn from (seed, epoch) alone, so a resumed run sees the same order as an
+    uninterrupted one; an epoch resumed from a mid-epoch checkpoint starts after the
+    `batches_done()` batches it already trained on. Lightning calls `set_epoch` every epoch."""
+
+    def __init__(self, size: int, seed: int, batch_size: int, batches_done: Callable[[], int]) -> None:
+        self.size, self.seed, self.batch_size, self.batches_done = size, seed, batch_size, batches_done
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size  # a whole epoch: Lightning counts the epoch's batches from it
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) % 2**63)
+        order = torch.randperm(self.size, generator=generator)
+        yield from order[self.batches_done() * self.batch_size :].tolist()
+
+
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch  # __getitems__ already returns stacked tensors
 
@@ -231,6 +253,8 @@ def read_image(path: Path, size: int) -> np.ndarray:
             image.draft("L", (size, size))  # JPEG: let the decoder downscale by up to 8x for free
             image.load()
             gray = to_grayscale(image)
+    except Image.DecompressionBombError as err:  # PIL refuses images over ~179 megapixels
+        raise UserInputError(f"{path} is too large to decode safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise UserInputError(f"{path} is not a readable image ({err})") from None
     return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR))
@@ -319,6 +343,11 @@ def read_folder_split(split_dir: Path, size: int, cache_dir: Path | None = None)
     return split
 
 
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 pixels -> float, standardized with the train split's statistics."""
+    return (images.float() / 255 - mean) / std
+
+
 def pixel_mean_std(images: torch.Tensor) -> tuple[float, float]:
     """Mean and standard deviation of uint8 pixels scaled to [0, 1], from a histogram, so that a
     large split is never copied to float."""
@@ -363,6 +392,7 @@ class XrayDataModule(L.LightningDataModule):
         self.splits: dict[str, Split] = {}
         self.mean = 0.0
         self.std = 1.0
+        self.test_split = "test"  # the split test_dataloader serves (`evaluate split=...`)
 
     def read_splits(self) -> dict[str, Split]:
         raise NotImplementedError
@@ -386,10 +416,9 @@ class XrayDataModule(L.LightningDataModule):
 
     def preprocess(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         """uint8 images -> normalized float, augmented when `train`."""
-        x = images.float() / 255
-        if train:
-            x = self.augment(x)
-        return (x - self.mean) / self.std
+        if not train:
+            return normalize(images, self.mean, self.std)
+        return (self.augment(images.float() / 255) - self.mean) / self.std
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
@@ -397,6 +426,8 @@ class XrayDataModule(L.LightningDataModule):
         return self.preprocess(images, train=training), labels
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self.splits:
+            raise UserInputError(f"split={name!r} is not a split of this data; expected one of {', '.join(self.splits)}")
         split, sampler = self.splits[name], None
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
@@ -405,7 +436,9 @@ class XrayDataModule(L.LightningDataModule):
             split = Split(split.images.to(device), split.labels.to(device))
             self.splits[name] = split
         dataset = SplitDataset(split)
-        if not shuffle and trainer is not None and trainer.world_size > 1:
+        if shuffle and (trainer is None or trainer.world_size == 1):
+            sampler = EpochShuffle(len(split), self.seed, self.batch_size, self._batches_done)
+        elif not shuffle and trainer is not None and trainer.world_size > 1:
             # Lightning's default sampler pads the last batch with repeats; evaluation must count
             # every image once, so each process takes a disjoint share instead.
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -416,9 +449,12 @@ class XrayDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,  # under DDP Lightning swaps in its DistributedSampler
             sampler=sampler,
             collate_fn=_batch_as_is,
+            # Each new iterator draws a worker seed from its generator: with the global one, that
+            # draw would shift augmentation and dropout after a resume.
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=0 if split.images.is_cuda else self.num_workers,
             pin_memory=self.pin_memory and not split.images.is_cuda,
             persistent_workers=self.num_workers > 0 and not split.images.is_cuda,
@@ -431,14 +467,25 @@ class XrayDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self.test_split, shuffle=False)
 
-    def state_dict(self) -> dict[str, Any]:
-        # Saved in every checkpoint, so a trained model carries its own preprocessing.
-        return {"mean": self.mean, "std": self.std, "image_size": self.image_size, "class_names": list(CLASS_NAMES)}
+    def _batches_done(self) -> int:
+        """Batches of the current epoch already trained: more than 0 only when resuming mid-epoch."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer else 0
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mean, self.std = state["mean"], state["std"]
+    def preprocessing(self) -> dict[str, Any]:
+        """What a trained model needs to prepare new images as it was trained (kept in its checkpoint)."""
+        return {
+            "image_size": self.image_size,
+            "in_channels": self.in_channels,
+            "mean": self.mean,
+            "std": self.std,
+            "class_names": list(CLASS_NAMES),
+        }
+
+    def use_preprocessing(self, preprocessing: dict[str, Any]) -> None:
+        """Normalize with a trained model's statistics instead of this data's own."""
+        self.mean, self.std = preprocessing["mean"], preprocessing["std"]
 
 
 class PneumoniaMNISTDataModule(XrayDataModule):

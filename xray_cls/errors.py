@@ -11,3 +11,7 @@ class UserInputError(RunError, ValueError):
 
 class TrainingDivergedError(RunError, FloatingPointError):
     """The training loss stopped being finite."""
+
+
+class RunInterrupted(RunError):
+    """The user stopped the run (Ctrl+C); the message says where its checkpoint is."""

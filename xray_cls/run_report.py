@@ -126,6 +126,26 @@ def bootstrap_intervals(
     return {name: torch.quantile(v.double(), levels).tolist() for name, v in values.items()}
 
 
+def test_report(
+    results: dict[str, Any], threshold: dict[str, Any], resamples: int, confidence: float, seed: int
+) -> dict[str, Any]:
+    """The test part of metrics.json (a run's and `evaluate`'s): matrix, scores and their intervals."""
+    from xray_cls.data import CLASS_NAMES
+
+    matrix = results["confusion_matrix"]
+    intervals = bootstrap_intervals(results["probs"], results["labels"], threshold["threshold"], resamples, confidence, seed)
+    return {
+        "class_names": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[1],
+        "threshold": threshold["threshold"],
+        "threshold_rule": threshold,
+        "n_test": sum(map(sum, matrix)),
+        "confusion_matrix": {"rows": "true class", "columns": "predicted class", "matrix": matrix, **confusion_cells(matrix)},
+        "test": results["scores"],
+        "test_ci": {"confidence": confidence, "resamples": resamples, **intervals},
+    }
+
+
 def confusion_cells(matrix: list[list[int]]) -> dict[str, int]:
     (tn, fp), (fn, tp) = matrix
     return {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
@@ -191,12 +211,12 @@ def save_figures(figures: dict[str, Figure], folder: Path, writer: Any, step: in
     writer.flush()
 
 
-def format_test_table(metrics: dict[str, Any]) -> str:
+def format_test_table(metrics: dict[str, Any], title: str = "Test results") -> str:
     names = metrics["class_names"]
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
     width = max(len(n) for n in names) + 2
     lines = [
-        f"Test results: {metrics['n_test']} images, positive class {metrics['positive_class']}, "
+        f"{title}: {metrics['n_test']} images, positive class {metrics['positive_class']}, "
         f"threshold {metrics['threshold']:.4f} ({_rule_text(metrics)})",
         *(f"  {label:<22}{metrics['test'][key]:.4f}{_interval(metrics, key)}" for key, label in SCORE_LABELS.items()),
         "  confusion matrix (rows true, columns predicted):",

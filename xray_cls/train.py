@@ -9,50 +9,63 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from xray_cls.errors import RunError
+from xray_cls.cli import CONFIG_DIR, error_line, exit_on_user_error, quiet_libraries, run_error
+from xray_cls.errors import RunInterrupted, UserInputError
 
 log = logging.getLogger(__name__)
 
-# conf/ sits beside the package in a source checkout and inside it in an installed wheel.
-_PACKAGE_DIR = Path(__file__).resolve().parent
-CONFIG_DIR = next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
-
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """One run: fit, test the best checkpoint, write metrics.json. Returns the metrics."""
+    """One run: fit, test the best checkpoint, write metrics.json. Returns the metrics.
+
+    With `ckpt_path` set, an interrupted run continues in its own folder from that checkpoint.
+    """
     import lightning as L
     import torch
     from hydra.utils import instantiate
     from lightning.pytorch.utilities import rank_zero_only
 
     from xray_cls import run_report
+    from xray_cls.checkpoint import read_checkpoint, record_threshold
     from xray_cls.classifier import XrayClassifier
-    from xray_cls.data import CLASS_NAMES
+    from xray_cls.gradcam import test_sample_gradcam
+    from xray_cls.resume import check_same_network, resume_folder, warn_config_changes
 
     quiet_libraries()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:  # DDP starts the other processes with the same config
-        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    resume_from = Path(cfg.ckpt_path).expanduser() if cfg.get("ckpt_path") else None
+    if resume_from is not None:
+        resumed = read_checkpoint(resume_from, "ckpt_path")
+        out_dir = resume_folder(resume_from)
+    else:
+        out_dir = Path(cfg.paths.output_dir)
+        if rank_zero_only.rank == 0:  # DDP starts the other processes with the same config
+            refuse_finished_run(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")  # reads the data, so the network can be sized to it
     net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net_cfg.update(in_channels=datamodule.in_channels, image_size=datamodule.image_size)
+    if resume_from is not None:  # checked before anything is written to the run's folder
+        check_same_network(resume_from, resumed, net_cfg)
+        log_to_run_folder(out_dir)
+        log.info("resuming the run %s from %s", out_dir, resume_from)
+        warn_config_changes(out_dir, cfg)
     module = XrayClassifier(
         net=net_cfg,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         threshold=cfg.threshold,
         pos_weight=positive_class_weight(cfg.loss.pos_weight, datamodule.splits["train"].class_counts()),
+        preprocessing=datamodule.preprocessing(),
     )
     input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     log.info("network:\n%s", run_report.network_summary(module.net, input_shape))
@@ -61,53 +74,59 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint, logger = trainer.checkpoint_callback, trainer.logger
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     train_seconds = time.perf_counter() - started
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
 
-    if checkpoint.best_model_path:  # loaded once: the threshold rule and the test both use it
-        best = torch.load(checkpoint.best_model_path, map_location=module.device, weights_only=True)
+    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    if best_path is not None:  # loaded once: the threshold rule and the test both use it
+        best = torch.load(best_path, map_location=module.device, weights_only=True)
         module.load_state_dict(best["state_dict"])
     else:  # e.g. stopped by max_steps before the first validation
         log.warning("no checkpoint has a %s score: testing the weights of the last step", cfg.checkpoint.monitor)
     threshold = decide_threshold(cfg, module, datamodule)
     module.set_threshold(threshold["threshold"])
+    if best_path is not None and trainer.is_global_zero:
+        record_threshold(best_path, threshold)  # so that predict and evaluate apply the run's threshold
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = module.test_results
     metrics = {
-        "class_names": list(CLASS_NAMES),
-        "positive_class": CLASS_NAMES[1],
-        "threshold": threshold["threshold"],
-        "threshold_rule": threshold,
-        "n_test": sum(map(sum, results["confusion_matrix"])),
-        "confusion_matrix": {
-            "rows": "true class",
-            "columns": "predicted class",
-            "matrix": results["confusion_matrix"],
-            **run_report.confusion_cells(results["confusion_matrix"]),
-        },
-        "test": results["scores"],
-        "test_ci": {
-            "confidence": cfg.bootstrap.confidence,
-            "resamples": cfg.bootstrap.resamples,
-            **run_report.bootstrap_intervals(
-                results["probs"], results["labels"], threshold["threshold"], cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed
-            ),
-        },
+        **run_report.test_report(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed),
         "last_epoch": last_epoch,
         "best_checkpoint": {
-            "path": str(Path(checkpoint.best_model_path).relative_to(out_dir)) if checkpoint.best_model_path else None,
+            "path": str(best_path.relative_to(out_dir)) if best_path else None,
             "monitor": cfg.checkpoint.monitor,
-            "score": float(checkpoint.best_model_score) if checkpoint.best_model_path else None,
+            "score": float(checkpoint.best_model_score) if best_path else None,
         },
         "params": run_report.parameter_counts(module.net),
         "epochs": trainer.current_epoch,
         "train_seconds": round(train_seconds, 2),
+        "resumed_from": str(resume_from) if resume_from else None,
         "hparams": run_hparams(cfg, datamodule.image_size),
     }
     if trainer.is_global_zero:
-        write_run_report(metrics, results, logger, out_dir, trainer.global_step)
+        figures = run_report.make_test_figures(results, metrics["class_names"])
+        if cfg.gradcam_samples > 0:
+            figures.update(test_sample_gradcam(module, datamodule, cfg.gradcam_samples, cfg.seed))
+        write_run_report(metrics, figures, logger, out_dir, trainer.global_step)
     return metrics
+
+
+def refuse_finished_run(out_dir: Path) -> None:
+    """A new run never writes into a folder that already holds one (an explicit hydra.run.dir)."""
+    for name in ("metrics.json", "checkpoints"):
+        if (out_dir / name).exists():
+            raise UserInputError(
+                f"the run folder {out_dir} already holds a run ({name}); choose a new hydra.run.dir, "
+                "or resume an interrupted run with ckpt_path=<run>/checkpoints/last.ckpt"
+            )
+
+
+def log_to_run_folder(run_dir: Path) -> None:
+    """A resumed run's log continues in its own train.log, beside the resuming command's."""
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 def decide_threshold(cfg: DictConfig, module: Any, datamodule: Any) -> dict[str, Any]:
@@ -138,22 +157,13 @@ def positive_class_weight(setting: float | str | None, class_counts: list[int]) 
     raise UserInputError(f"loss.pos_weight={setting!r} is not valid; expected null, balanced or a positive number")
 
 
-def quiet_libraries() -> None:
-    # Lightning adds its own console handler; Hydra's handlers (console and the run's log file) suffice.
-    logging.getLogger("lightning").handlers.clear()
-    # The data lives in memory: loader worker processes would only add start-up time.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.14
-    # Logged values come from torchmetrics' compute(), which already reduced them across processes.
-    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
-
-
 def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     """The configured Trainer, logging to out_dir/tensorboard and checkpointing to out_dir/checkpoints."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from xray_cls.resume import ResumableTraining
     from xray_cls.run_report import CURVES_LAYOUT
 
     logger = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard", default_hp_metric=False)
@@ -164,7 +174,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
         mode=cfg.checkpoint.mode,
         save_last=True,
     )
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    resumable = ResumableTraining(last_checkpoint=out_dir / "checkpoints" / "last.ckpt")
+    callbacks = [checkpoint, resumable, LearningRateMonitor(logging_interval="epoch")]
     callbacks += [instantiate(c) for c in cfg.callbacks.values()]
     trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir, precision=supported_precision(cfg.trainer)
@@ -205,10 +216,10 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
     }
 
 
-def write_run_report(metrics: dict[str, Any], results: dict[str, Any], logger: Any, out_dir: Path, step: int) -> None:
+def write_run_report(metrics: dict[str, Any], figures: dict[str, Any], logger: Any, out_dir: Path, step: int) -> None:
     from xray_cls import run_report
 
-    run_report.save_figures(run_report.make_test_figures(results, metrics["class_names"]), out_dir / "figures", logger.experiment, step)
+    run_report.save_figures(figures, out_dir / "figures", logger.experiment, step)
     hp_metrics = {f"hparams/test_{k}": v for k, v in metrics["test"].items()}
     hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics["last_epoch"].items() if k.endswith("/val")})
     logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
@@ -218,22 +229,6 @@ def write_run_report(metrics: dict[str, Any], results: dict[str, Any], logger: A
     log.info("run folder: %s", out_dir)
 
 
-def _run_error(err: BaseException | None) -> RunError | None:
-    """The RunError behind `err`, also when Hydra's instantiate wrapped it."""
-    while err is not None:
-        if isinstance(err, RunError):
-            return err
-        err = err.__cause__
-    return None
-
-
-def error_line(err: BaseException) -> str:
-    """One line that says what went wrong: the user's mistake as is, a bug with its exception type."""
-    run_error = _run_error(err)
-    text = str(run_error) if run_error else f"{type(err).__name__}: {err}"
-    return " ".join(text.split())
-
-
 def _in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -241,28 +236,30 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _train_in_sweep(cfg: DictConfig) -> dict[str, Any] | None:
+    """One run of a multirun: a failure leaves failed.json for the report and lets the sweep go on."""
+    try:
+        return train(cfg)
+    except RunInterrupted as err:  # Ctrl+C stops the whole sweep, not just this run
+        print(f"interrupted: {error_line(err)}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if run_error(err) is None:
+            log.exception("run failed")
+        else:
+            log.error("run failed: %s", error_line(err))
+        from xray_cls.run_report import write_json
+
+        out_dir = Path(cfg.paths.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "failed.json", {"status": "failed", "error": error_line(err)})
+        return None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Returns the best validation score (`checkpoint.monitor`): the objective of a sweeper."""
-    try:
-        metrics = train(cfg)
-    except Exception as err:
-        if _in_multirun():
-            # One failed run must not stop a sweep: it leaves failed.json for the report, and
-            # NaN tells a sweeper such as Optuna that the trial failed.
-            if _run_error(err) is None:
-                log.exception("run failed")
-            else:
-                log.error("run failed: %s", error_line(err))
-            from xray_cls.run_report import write_json
-
-            out_dir = Path(cfg.paths.output_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(out_dir / "failed.json", {"status": "failed", "error": error_line(err)})
-            return float("nan")
-        if _run_error(err) is None:
-            raise  # a bug: keep its traceback
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        sys.exit(2)
-    score = metrics["best_checkpoint"]["score"]
+    """Returns the best validation score (`checkpoint.monitor`): the objective of a sweeper.
+    A failed run of a sweep returns NaN, which tells a sweeper such as Optuna that the trial failed."""
+    metrics = _train_in_sweep(cfg) if _in_multirun() else exit_on_user_error(lambda: train(cfg))
+    score = metrics["best_checkpoint"]["score"] if metrics else None
     return float("nan") if score is None else score

@@ -1,0 +1,122 @@
+"""Interrupted runs resume (`ckpt_path=`) to the result of an uninterrupted run; runs are never overwritten."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from test_train import load_events
+
+from xray_cls.cli import fresh_dir
+from xray_cls.data import BUNDLED_NPZ, read_npz
+
+# Long enough epochs (about 150 steps) that a signal sent after the first one lands mid-epoch;
+# augmentation and dropout make the result depend on the random generators being restored.
+RUN = ["model=mlp", "data.aug=strong", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
+       "gradcam_samples=0", "bootstrap.resamples=100"]
+
+
+def start_run(run_dir: Path, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "xray_cls", *RUN, f"hydra.run.dir={run_dir}"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_first_epoch(process: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli([*RUN, f"hydra.run.dir={cwd / 'run'}"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads((cwd / "run" / "metrics.json").read_text())
+
+
+def assert_same_result(resumed: dict, uninterrupted: dict) -> None:
+    assert resumed["confusion_matrix"] == uninterrupted["confusion_matrix"]
+    assert resumed["test"] == uninterrupted["test"]  # exact: same weights, same predictions
+    assert resumed["best_checkpoint"]["score"] == uninterrupted["best_checkpoint"]["score"]
+    assert resumed["epochs"] == uninterrupted["epochs"]
+
+
+def test_ctrl_c_checkpoints_mid_epoch_and_resumes_exactly(uninterrupted: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start_run(run_dir, tmp_path)
+    wait_for_first_epoch(process, run_dir)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert f"resume with the same overrides and ckpt_path={last}" in stderr
+    assert "Traceback" not in stderr
+    checkpoint = torch.load(last, weights_only=True)
+    steps_per_epoch = math.ceil(len(read_npz(BUNDLED_NPZ)["train"]) / 32)  # batch size 32
+    assert checkpoint["global_step"] % steps_per_epoch != 0, "the checkpoint should be mid-epoch"
+    assert not (run_dir / "metrics.json").exists()
+
+    result = run_cli([*RUN, f"ckpt_path={last}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed["resumed_from"] == str(last)
+    assert_same_result(resumed, uninterrupted)
+    # One curve per metric in the run's own TensorBoard folder, one point per epoch, no repeats.
+    steps = [event.step for event in load_events(run_dir).Scalars("loss/val")]
+    assert len(steps) == len(set(steps)) == uninterrupted["epochs"]
+
+
+def test_killed_run_resumes_from_its_last_epoch(uninterrupted: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start_run(run_dir, tmp_path)
+    wait_for_first_epoch(process, run_dir)
+    process.kill()  # SIGKILL: no chance to save anything
+    process.communicate(timeout=60)
+    last = run_dir / "checkpoints" / "last.ckpt"
+
+    # Resuming with another network is refused, naming both, before anything is written.
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    wrong = run_cli([*RUN, "model=cnn", f"ckpt_path={last}"], cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert "was trained with model MLP but this run is configured with CNN" in wrong.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+    result = run_cli([*RUN, f"ckpt_path={last}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_result(json.loads((run_dir / "metrics.json").read_text()), uninterrupted)
+
+    again = run_cli([*RUN, f"ckpt_path={last}"], cwd=tmp_path)  # the run has finished now
+    assert again.returncode == 2
+    assert f"the run {run_dir} has already finished" in again.stderr
+
+
+def test_a_finished_run_folder_is_never_reused(mlp_run: Path, tmp_path: Path) -> None:
+    before = (mlp_run / "metrics.json").read_bytes()
+    result = run_cli(["model=mlp", f"hydra.run.dir={mlp_run}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"the run folder {mlp_run} already holds a run" in result.stderr
+    assert (mlp_run / "metrics.json").read_bytes() == before
+
+
+def test_run_folders_started_in_the_same_second_are_distinct(tmp_path: Path) -> None:
+    base = tmp_path / "outputs" / "12-00-00"
+    base.mkdir(parents=True)  # another run's folder
+    assert fresh_dir(str(base)) == f"{base}_1"
+    assert fresh_dir(str(base)) == f"{base}_1"  # the same answer within one process
+    assert Path(f"{base}_1").is_dir()

@@ -1,0 +1,104 @@
+"""What the three commands (train, evaluate, predict) share: the config folder, fresh output
+folders, quiet libraries and one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from xray_cls.errors import RunError, RunInterrupted, UserInputError
+
+log = logging.getLogger(__name__)
+
+# conf/ sits beside the package in a source checkout and inside it in an installed wheel.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
+
+_claimed: dict[str, str] = {}
+
+
+def fresh_dir(base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first of them that this call could create.
+
+    Hydra names output folders to the second, so two commands started in the same second would
+    share (and overwrite) one; creating the folder here claims it atomically. The answer is
+    remembered, because Hydra may resolve the same folder more than once in a process.
+    """
+    if base not in _claimed:
+        for i in count():
+            candidate = Path(base if i == 0 else f"{base}_{i}")
+            try:
+                candidate.mkdir(parents=True)
+            except FileExistsError:
+                continue
+            _claimed[base] = str(candidate)
+            break
+    return _claimed[base]
+
+
+OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    # Lightning adds its own console handler; Hydra's handlers (console and the run's log file) suffice.
+    logging.getLogger("lightning").handlers.clear()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)  # a cloud-service tip
+    # The data lives in memory: loader worker processes would only add start-up time.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.14
+    # Logged values come from torchmetrics' compute(), which already reduced them across processes.
+    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
+    # Resuming: data.EpochShuffle skips the batches a mid-epoch checkpoint has trained on, and the
+    # run's own checkpoints/ folder is meant to be written to again.
+    warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
+    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+
+
+def run_error(err: BaseException | None) -> RunError | None:
+    """The RunError behind `err`, also when Hydra's instantiate wrapped it."""
+    while err is not None:
+        if isinstance(err, RunError):
+            return err
+        err = err.__cause__
+    return None
+
+
+def error_line(err: BaseException) -> str:
+    """One line that says what went wrong: the user's mistake as is, a bug with its exception type."""
+    user_error = run_error(err)
+    text = str(user_error) if user_error else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
+
+
+def exit_on_user_error(command: Callable[[], Any]) -> Any:
+    """Run `command`; a RunError becomes `error: ...` on stderr and exit status 2, an interrupt
+    (Ctrl+C) exit status 130. Anything else is a bug and keeps its traceback.
+    """
+    try:
+        return command()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        user_error = run_error(err)
+        if user_error is None:
+            raise
+        print(f"{'interrupted' if isinstance(user_error, RunInterrupted) else 'error'}: {error_line(err)}", file=sys.stderr)
+        sys.exit(130 if isinstance(user_error, RunInterrupted) else 2)
+
+
+def refuse_existing(path: Path, what: str, option: str) -> None:
+    """Outputs never replace earlier results: stop before writing if `path` exists."""
+    if path.exists():
+        raise UserInputError(f"{option}: {path.parent} already holds {what} ({path.name}); choose a new folder")

@@ -1,0 +1,81 @@
+"""`python -m xray_cls.evaluate ckpt=... [data=...] [split=test]`: a trained model's test metrics on any data.
+
+The model prepares images as it was trained: image size and normalization come from its
+checkpoint, not from `data.*`. The output folder (`outputs/evaluate/<date>/<time>/`) gets
+metrics.json, figures/ and a TensorBoard event file, like a run's test.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    import lightning as L
+    from hydra.utils import instantiate
+    from torch.utils.tensorboard import SummaryWriter
+
+    from xray_cls import run_report
+    from xray_cls.checkpoint import load_classifier
+    from xray_cls.gradcam import test_sample_gradcam
+
+    quiet_libraries()
+    out_dir = Path(cfg.paths.output_dir)
+    refuse_existing(out_dir / "metrics.json", "an evaluation", "paths.output_dir")
+    module = load_classifier(cfg.ckpt)
+    preprocessing = module.hparams.preprocessing
+    threshold = module.hparams.threshold_rule or {"rule": "fixed", "threshold": module.hparams.threshold}
+    if cfg.threshold is not None:
+        threshold = {"rule": "fixed", "threshold": float(cfg.threshold)}
+    module.set_threshold(threshold["threshold"])
+
+    datamodule = instantiate(cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], aug="none")
+    datamodule.setup("test")
+    datamodule.use_preprocessing(preprocessing)
+    datamodule.test_split = cfg.split
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results = module.test_results
+    metrics = {
+        **run_report.test_report(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed),
+        "checkpoint": str(cfg.ckpt),
+        "split": cfg.split,
+        "data": {k: v for k, v in cfg.data.items() if k in ("_target_", "path", "root")},
+        "preprocessing": preprocessing,
+    }
+    figures = run_report.make_test_figures(results, metrics["class_names"])
+    if cfg.gradcam_samples > 0 and cfg.split == "test":
+        figures.update(test_sample_gradcam(module, datamodule, cfg.gradcam_samples, cfg.seed))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with SummaryWriter(str(out_dir / "tensorboard")) as writer:
+        run_report.save_figures(figures, out_dir / "figures", writer, step=0)
+    run_report.write_json(out_dir / "metrics.json", metrics)
+    print(run_report.format_test_table(metrics, title=f"{cfg.split.capitalize()} results of {cfg.ckpt}"), flush=True)
+    log.info("evaluation folder: %s", out_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(lambda: evaluate(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""`python -m xray_cls.predict ckpt=... input=IMAGE_OR_FOLDER [gradcam=true]`: a trained model on new images.
+
+Writes predictions.csv (path, probability of PNEUMONIA, label at the run's threshold) to its
+output folder (`outputs/predict/<date>/<time>/`), and with gradcam=true one overlay PNG per image
+under gradcam/, mirroring the input folder. A folder is searched recursively; files that are not
+images are skipped and counted, unreadable images are skipped and named in the log.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing
+from xray_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ["path", "probability_pneumonia", "predicted_label", "threshold", "gradcam"]
+OVERLAY_SIDE = (224, 512)  # overlays are drawn with the longer side in this range
+
+
+@dataclass
+class InputFiles:
+    images: list[Path]
+    not_images: int = 0  # junk beside the images: .DS_Store, ._* AppleDouble files, notes, ...
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def find_inputs(input_path: Path) -> InputFiles:
+    """The image files to predict: `input_path` itself, or every image below it."""
+    from xray_cls.data import IMAGE_SUFFIXES
+
+    if input_path.is_file():
+        return InputFiles([input_path])
+    if not input_path.is_dir():
+        raise UserInputError(f"input={input_path} does not exist; expected an image file or a folder of images")
+    files = sorted(p for p in input_path.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    if not images:
+        raise UserInputError(
+            f"input={input_path} holds no images (searched recursively for {', '.join(sorted(IMAGE_SUFFIXES))}; "
+            f"found {len(files)} other file(s))"
+        )
+    return InputFiles(images, not_images=len(files) - len(images))
+
+
+def read_chunk(paths: list[Path], size: int, found: InputFiles) -> tuple[list[Path], Any]:
+    """The readable images among `paths` as uint8 (N, 1, size, size); the others go to found.unreadable."""
+    import numpy as np
+    import torch
+
+    from xray_cls.data import read_image
+
+    def attempt(path: Path) -> Any:
+        try:
+            return read_image(path, size)
+        except UserInputError as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(attempt, paths))
+    ok = [(p, r) for p, r in zip(paths, results) if not isinstance(r, UserInputError)]
+    found.unreadable += [(p, str(r)) for p, r in zip(paths, results) if isinstance(r, UserInputError)]
+    if not ok:
+        return [], torch.empty(0, 1, size, size, dtype=torch.uint8)
+    return [p for p, _ in ok], torch.from_numpy(np.stack([r for _, r in ok])).unsqueeze(1)
+
+
+def display_image(path: Path) -> Any:
+    """The original image in grayscale, resized for an overlay: longer side within OVERLAY_SIDE."""
+    import numpy as np
+    from PIL import Image
+
+    from xray_cls.data import to_grayscale
+
+    with Image.open(path) as image:
+        image.draft("L", (OVERLAY_SIDE[1], OVERLAY_SIDE[1]))
+        gray = to_grayscale(image)
+    longer = max(gray.size)
+    scale = min(max(longer, OVERLAY_SIDE[0]), OVERLAY_SIDE[1]) / longer
+    size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
+    return np.asarray(gray.resize(size, Image.Resampling.BILINEAR))
+
+
+def save_overlay(path: Path, cam: Any, target: Path) -> None:
+    from xray_cls.gradcam import overlay
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    overlay(display_image(path), cam).save(tmp, format="PNG")
+    os.replace(tmp, target)
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Predict every image of `cfg.input`; returns the path of predictions.csv."""
+    import torch
+
+    from xray_cls.checkpoint import load_classifier
+    from xray_cls.data import CLASS_NAMES, normalize
+    from xray_cls.gradcam import grad_cam, last_conv_layer
+
+    quiet_libraries()
+    out_dir = Path(cfg.paths.output_dir)
+    csv_path = out_dir / "predictions.csv"
+    refuse_existing(csv_path, "predictions", "paths.output_dir")
+    module = load_classifier(cfg.ckpt)
+    if cfg.gradcam and last_conv_layer(module.net) is None:
+        raise UserInputError(
+            f"gradcam=true needs a network with convolution layers; the {type(module.net).__name__} of "
+            f"ckpt={cfg.ckpt} has none (train model=cnn or model=resnet, or leave gradcam=false)"
+        )
+    prep = module.hparams.preprocessing
+    threshold = float(cfg.threshold) if cfg.threshold is not None else module.hparams.threshold
+    if cfg.batch_size < 1:
+        raise UserInputError(f"batch_size={cfg.batch_size!r} is not valid; expected a positive integer")
+    input_path = Path(cfg.input).expanduser()
+    found = find_inputs(input_path)
+    root = input_path if input_path.is_dir() else input_path.parent
+
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(found.images), cfg.batch_size):
+        paths, images = read_chunk(found.images[start : start + cfg.batch_size], prep["image_size"], found)
+        if not paths:
+            continue
+        x = normalize(images, prep["mean"], prep["std"])
+        probs = module.predict_probabilities(x).tolist()
+        cams = grad_cam(module.net, x).numpy() if cfg.gradcam else None
+        for i, (path, prob) in enumerate(zip(paths, probs)):
+            overlay_path = ""
+            if cams is not None:
+                overlay_path = out_dir / "gradcam" / path.relative_to(root).with_name(path.name + ".png")  # a.jpeg and a.png both kept
+                save_overlay(path, cams[i], overlay_path)
+            rows.append(
+                {
+                    "path": str(path),
+                    "probability_pneumonia": f"{prob:.6f}",
+                    "predicted_label": CLASS_NAMES[int(prob > threshold)],
+                    "threshold": f"{threshold:.6f}",
+                    "gradcam": str(overlay_path),
+                }
+            )
+    for path, reason in found.unreadable:
+        log.warning("skipped: %s", reason)
+    if not rows:
+        if input_path.is_file():
+            raise UserInputError(f"input={found.unreadable[0][1]}")
+        raise UserInputError(f"input={input_path}: none of its {len(found.images)} image file(s) could be read")
+    write_csv(csv_path, rows)
+    called = sum(r["predicted_label"] == CLASS_NAMES[1] for r in rows)
+    print(
+        f"predicted {len(rows)} image(s), {called} called {CLASS_NAMES[1]} at threshold {threshold:.4f}: {csv_path}\n"
+        f"skipped {found.not_images} file(s) that are not images and {len(found.unreadable)} unreadable image(s)"
+        + (f"; Grad-CAM overlays in {out_dir / 'gradcam'}" if cfg.gradcam else ""),
+        flush=True,
+    )
+    return csv_path
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Written to a temporary name and renamed: a predictions.csv is always complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(lambda: predict(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Interrupting a run and resuming it (`ckpt_path=`) to the result an uninterrupted run would give.
+
+Lightning restores weights, optimizer, scheduler, loop counters and callback state. On one device
+two more things make the continuation exact:
+- every checkpoint carries the random generators (augmentation, dropout), restored on resume;
+- each epoch's train order depends only on the seed and the epoch (`data.EpochShuffle`), and an
+  epoch resumed from a mid-epoch checkpoint skips the batches it already trained on.
+Ctrl+C (SIGINT) saves such a checkpoint as last.ckpt after the current batch, then stops the run;
+a run killed outright (SIGKILL, a lost node) resumes from the last.ckpt of its last whole epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from xray_cls.errors import RunInterrupted, UserInputError
+
+log = logging.getLogger(__name__)
+
+
+class ResumableTraining(L.Callback):
+    """Random generator states in every checkpoint; Ctrl+C checkpoints at a batch boundary, then stops."""
+
+    def __init__(self, last_checkpoint: Path) -> None:
+        self.last_checkpoint = last_checkpoint
+        self.stop_requested = False
+        self._previous_handler: Any = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            log.warning("the checkpoint holds no random generator states: the resumed run will differ from an uninterrupted one")
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Under DDP every process gets the Ctrl+C at a different batch: Lightning's own handling stays.
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl+C stops at once
+        log.warning("Ctrl+C: stopping after this batch, with a checkpoint (press it again to stop at once)")
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if self.stop_requested:
+            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)  # the full training state
+            raise RunInterrupted(
+                f"run stopped in epoch {trainer.current_epoch} after {trainer.global_step} steps; checkpoint "
+                f"{self.last_checkpoint}; resume with the same overrides and ckpt_path={self.last_checkpoint}"
+            )
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+
+
+def resume_folder(ckpt_path: Path) -> Path:
+    """The run folder a checkpoint belongs to, where the resumed run carries on. Refused when the
+    checkpoint is not inside a run's checkpoints/ folder or the run has already finished."""
+    run_dir = ckpt_path.parent.parent
+    if ckpt_path.parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
+        raise UserInputError(
+            f"ckpt_path={ckpt_path} is not inside a run folder (<run>/checkpoints/ beside <run>/config.yaml); "
+            "resume from the checkpoints of the interrupted run itself"
+        )
+    if (run_dir / "metrics.json").exists():
+        raise UserInputError(
+            f"ckpt_path={ckpt_path}: the run {run_dir} has already finished (it has metrics.json); "
+            "resuming it would overwrite its results, and ckpt_path= only continues interrupted runs"
+        )
+    return run_dir.absolute()
+
+
+def check_same_network(ckpt_path: Path, checkpoint: dict[str, Any], net_cfg: dict[str, Any]) -> None:
+    """A run resumes only with the network it was trained with: name both when they differ."""
+    from xray_cls.checkpoint import network_name
+
+    trained = checkpoint["hyper_parameters"]["net"]
+    if trained != net_cfg:
+        differ = sorted(k for k in trained.keys() | net_cfg.keys() if trained.get(k) != net_cfg.get(k))
+        raise UserInputError(
+            f"ckpt_path={ckpt_path} was trained with model {network_name(trained)} but this run is configured "
+            f"with {network_name(net_cfg)} (differing: {', '.join(f'{k}={trained.get(k)!r} vs {net_cfg.get(k)!r}' for k in differ)}); "
+            "resume with the overrides the run was started with (see its config.yaml)"
+        )
+
+
+def warn_config_changes(run_dir: Path, cfg: DictConfig) -> None:
+    """Settings that differ from the run's own config.yaml make the result differ from an uninterrupted run."""
+    saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    ignored = {"ckpt_path", "paths.output_dir", "data.cache_dir", "trainer.enable_progress_bar"}
+    changed = [k for k in sorted(saved.keys() | current.keys()) if k not in ignored and saved.get(k) != current.get(k)]
+    if changed:
+        log.warning(
+            "resuming with settings that differ from %s in: %s; the result will differ from an uninterrupted run",
+            run_dir / "config.yaml", ", ".join(changed),
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
