@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SHORT_RUN, compose_config
 from PIL import Image
 
 CURVE_TAGS = ["loss/train", "loss/val", "acc/train", "acc/val"]
@@ -162,13 +161,9 @@ def is_blank(stats: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished_run(mlp_run: Path) -> Path:
     """A real, short run by the project's training entry point: tensorboard/, metrics.json, figures/."""
-    from xray_cls.train import train
-
-    run_dir = tmp_path_factory.mktemp("run")
-    train(compose_config(run_dir, ["model=mlp", *SHORT_RUN]))
-    return run_dir
+    return mlp_run
 
 
 @pytest.fixture(scope="module")

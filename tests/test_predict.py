@@ -61,12 +61,12 @@ def test_folder_gives_one_row_per_readable_image(cnn_run: Path, mixed_folder: Pa
         assert 0 <= probability <= 1
         assert float(row["threshold"]) == pytest.approx(threshold, abs=1e-6)
         assert row["predicted_label"] == CLASS_NAMES[int(probability > threshold)]
-        with Image.open(row["gradcam"]) as overlay:  # mirrors the input tree
+        with Image.open(tmp_path / "out" / row["gradcam"]) as overlay:
             assert overlay.format == "PNG" and overlay.mode == "RGB"
             assert OVERLAY_SIDE[0] <= max(overlay.size) <= OVERLAY_SIDE[1]
             assert len(overlay.getcolors(maxcolors=1 << 20) or []) > 10  # a colour map, not a blank
         relative = Path(row["path"]).relative_to(mixed_folder)
-        assert Path(row["gradcam"]) == tmp_path / "out" / "gradcam" / relative.with_name(relative.name + ".png")
+        assert Path(row["gradcam"]) == Path("gradcam") / relative.with_name(relative.name + ".png")  # mirrors the input
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
@@ -95,7 +95,7 @@ def test_one_image_through_the_cli(cnn_run: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = read_rows(out / "predictions.csv")
-    assert row["path"] == str(image) and Path(row["gradcam"]).is_file()
+    assert row["path"] == str(image) and (out / row["gradcam"]).is_file()
 
 
 def test_an_existing_prediction_is_never_overwritten(cnn_run: Path, mixed_folder: Path, tmp_path: Path) -> None:
@@ -171,3 +171,9 @@ def test_an_image_without_read_permission_is_named(cnn_run: Path, tmp_path: Path
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == f"error: input={image} is not a readable image ([Errno 13] Permission denied: '{image}')"
     assert not (out / "predictions.csv").exists()
+
+
+def test_a_missing_option_is_named(tmp_path: Path) -> None:
+    result = run_cli(["ckpt=model.ckpt"], cwd=tmp_path, module="xray_cls.predict")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: input is not set; expected input=/path/to/image_or_folder"

@@ -101,8 +101,11 @@ def test_each_run_logs_hparams_for_the_hparams_dashboard(sweep: Path) -> None:
 
 
 def test_joblib_launcher_runs_a_sweep_in_parallel_processes(tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "joblib"
-    run_sweep(sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=mlp,cnn")
+    # The default sweep folder: the job processes must find the folder their parent claimed.
+    result = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=mlp,cnn", *SHORT_RUN], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
     rows = read_summary(sweep_dir)
     assert [r["status"] for r in rows] == ["ok", "ok"]
     hydra_cfg = yaml.safe_load((sweep_dir / "0" / ".hydra" / "hydra.yaml").read_text())["hydra"]

@@ -3,7 +3,9 @@ folders, quiet libraries and one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -21,26 +23,25 @@ log = logging.getLogger(__name__)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
 
-_claimed: dict[str, str] = {}
-
-
 def fresh_dir(base: str) -> str:
     """`base`, or `base_1`, `base_2`, ... : the first of them that this call could create.
 
     Hydra names output folders to the second, so two commands started in the same second would
-    share (and overwrite) one; creating the folder here claims it atomically. The answer is
-    remembered, because Hydra may resolve the same folder more than once in a process.
+    share (and overwrite) one; creating the folder here claims it atomically. The answer is kept in
+    the environment, because Hydra resolves the folder again in this process and in the processes
+    a launcher starts for the jobs of a sweep (joblib, submitit), which must not claim another.
     """
-    if base not in _claimed:
+    key = "XRAY_CLS_DIR_" + hashlib.sha256(base.encode()).hexdigest()[:16]
+    if key not in os.environ:
         for i in count():
             candidate = Path(base if i == 0 else f"{base}_{i}")
             try:
                 candidate.mkdir(parents=True)
             except FileExistsError:
                 continue
-            _claimed[base] = str(candidate)
+            os.environ[key] = str(candidate)
             break
-    return _claimed[base]
+    return os.environ[key]
 
 
 OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
@@ -102,3 +103,9 @@ def refuse_existing(path: Path, what: str, option: str) -> None:
     """Outputs never replace earlier results: stop before writing if `path` exists."""
     if path.exists():
         raise UserInputError(f"{option}: {path.parent} already holds {what} ({path.name}); choose a new folder")
+
+
+def require(cfg: Any, key: str, expected: str) -> None:
+    """A mandatory option (`???` in the config) that was not given: name it and an example."""
+    if OmegaConf.is_missing(cfg, key):
+        raise UserInputError(f"{key} is not set; expected {key}={expected}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,7 @@ class EpochShuffle(Sampler[int]):
         return self.size  # a whole epoch: Lightning counts the epoch's batches from it
 
     def __iter__(self) -> Iterator[int]:
+        # hash() of a tuple of ints is the same in every process (only str hashes are salted).
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) % 2**63)
         order = torch.randperm(self.size, generator=generator)
         yield from order[self.batches_done() * self.batch_size :].tolist()

@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing
+from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from xray_cls import run_report
     from xray_cls.checkpoint import load_classifier
-    from xray_cls.gradcam import test_sample_gradcam
+    from xray_cls.gradcam import gradcam_sample_figure
 
     quiet_libraries()
+    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
     out_dir = Path(cfg.paths.output_dir)
     refuse_existing(out_dir / "metrics.json", "an evaluation", "paths.output_dir")
     module = load_classifier(cfg.ckpt)
@@ -54,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = module.test_results
     metrics = {
-        **run_report.test_report(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed),
+        **run_report.evaluation_metrics(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed),
         "checkpoint": str(cfg.ckpt),
         "split": cfg.split,
         "data": {k: v for k, v in cfg.data.items() if k in ("_target_", "path", "root")},
@@ -62,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     figures = run_report.make_test_figures(results, metrics["class_names"])
     if cfg.gradcam_samples > 0 and cfg.split == "test":
-        figures.update(test_sample_gradcam(module, datamodule, cfg.gradcam_samples, cfg.seed))
+        figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
     out_dir.mkdir(parents=True, exist_ok=True)
     with SummaryWriter(str(out_dir / "tensorboard")) as writer:
         run_report.save_figures(figures, out_dir / "figures", writer, step=0)

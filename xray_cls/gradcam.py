@@ -101,7 +101,7 @@ def sample_figure(images: Tensor, cams: Tensor, probs: Tensor, labels: Tensor, t
     return fig
 
 
-def test_sample_gradcam(module: Any, datamodule: Any, samples: int, seed: int) -> dict[str, Figure]:
+def gradcam_sample_figure(module: Any, datamodule: Any, samples: int, seed: int) -> dict[str, Figure]:
     """{"gradcam": figure} of a fixed sample of test images, half of each class; {} for a network
     without convolutions (the MLP)."""
     if last_conv_layer(module.net) is None:

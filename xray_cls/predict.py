@@ -19,11 +19,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing
+from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
 from xray_cls.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
+# gradcam: the overlay's path relative to the CSV's folder, so that the folder can be moved whole.
 CSV_COLUMNS = ["path", "probability_pneumonia", "predicted_label", "threshold", "gradcam"]
 OVERLAY_SIDE = (224, 512)  # overlays are drawn with the longer side in this range
 
@@ -109,6 +110,8 @@ def predict(cfg: DictConfig) -> Path:
     from xray_cls.gradcam import grad_cam, last_conv_layer
 
     quiet_libraries()
+    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
+    require(cfg, "input", "/path/to/image_or_folder")
     out_dir = Path(cfg.paths.output_dir)
     csv_path = out_dir / "predictions.csv"
     refuse_existing(csv_path, "predictions", "paths.output_dir")
@@ -135,7 +138,7 @@ def predict(cfg: DictConfig) -> Path:
         probs = module.predict_probabilities(x).tolist()
         cams = grad_cam(module.net, x).numpy() if cfg.gradcam else None
         for i, (path, prob) in enumerate(zip(paths, probs)):
-            overlay_path = ""
+            overlay_path = None
             if cams is not None:
                 overlay_path = out_dir / "gradcam" / path.relative_to(root).with_name(path.name + ".png")  # a.jpeg and a.png both kept
                 save_overlay(path, cams[i], overlay_path)
@@ -145,7 +148,7 @@ def predict(cfg: DictConfig) -> Path:
                     "probability_pneumonia": f"{prob:.6f}",
                     "predicted_label": CLASS_NAMES[int(prob > threshold)],
                     "threshold": f"{threshold:.6f}",
-                    "gradcam": str(overlay_path),
+                    "gradcam": str(overlay_path.relative_to(out_dir)) if overlay_path else "",  # beside the CSV
                 }
             )
     for path, reason in found.unreadable:

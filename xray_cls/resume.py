@@ -79,7 +79,11 @@ class ResumableTraining(L.Callback):
 
 def resume_folder(ckpt_path: Path) -> Path:
     """The run folder a checkpoint belongs to, where the resumed run carries on. Refused when the
-    checkpoint is not inside a run's checkpoints/ folder or the run has already finished."""
+    file is not a checkpoint of ours, is not inside a run's checkpoints/ folder, or the run has
+    already finished."""
+    from xray_cls.checkpoint import read_checkpoint
+
+    read_checkpoint(ckpt_path, "ckpt_path")
     run_dir = ckpt_path.parent.parent
     if ckpt_path.parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
         raise UserInputError(
@@ -94,11 +98,11 @@ def resume_folder(ckpt_path: Path) -> Path:
     return run_dir.absolute()
 
 
-def check_same_network(ckpt_path: Path, checkpoint: dict[str, Any], net_cfg: dict[str, Any]) -> None:
+def check_same_network(ckpt_path: Path, net_cfg: dict[str, Any]) -> None:
     """A run resumes only with the network it was trained with: name both when they differ."""
-    from xray_cls.checkpoint import network_name
+    from xray_cls.checkpoint import network_name, read_checkpoint
 
-    trained = checkpoint["hyper_parameters"]["net"]
+    trained = read_checkpoint(ckpt_path, "ckpt_path")["hyper_parameters"]["net"]
     if trained != net_cfg:
         differ = sorted(k for k in trained.keys() | net_cfg.keys() if trained.get(k) != net_cfg.get(k))
         raise UserInputError(

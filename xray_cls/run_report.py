@@ -126,7 +126,7 @@ def bootstrap_intervals(
     return {name: torch.quantile(v.double(), levels).tolist() for name, v in values.items()}
 
 
-def test_report(
+def evaluation_metrics(
     results: dict[str, Any], threshold: dict[str, Any], resamples: int, confidence: float, seed: int
 ) -> dict[str, Any]:
     """The test part of metrics.json (a run's and `evaluate`'s): matrix, scores and their intervals."""

@@ -32,22 +32,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from xray_cls import run_report
-    from xray_cls.checkpoint import read_checkpoint, record_threshold
+    from xray_cls.checkpoint import record_threshold
     from xray_cls.classifier import XrayClassifier
-    from xray_cls.gradcam import test_sample_gradcam
+    from xray_cls.gradcam import gradcam_sample_figure
     from xray_cls.resume import check_same_network, resume_folder, warn_config_changes
 
     quiet_libraries()
     resume_from = Path(cfg.ckpt_path).expanduser() if cfg.get("ckpt_path") else None
-    if resume_from is not None:
-        resumed = read_checkpoint(resume_from, "ckpt_path")
-        out_dir = resume_folder(resume_from)
-    else:
-        out_dir = Path(cfg.paths.output_dir)
-        if rank_zero_only.rank == 0:  # DDP starts the other processes with the same config
-            refuse_finished_run(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    out_dir = resume_folder(resume_from) if resume_from else new_run_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, seed=cfg.seed)
@@ -55,8 +47,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net_cfg.update(in_channels=datamodule.in_channels, image_size=datamodule.image_size)
     if resume_from is not None:  # checked before anything is written to the run's folder
-        check_same_network(resume_from, resumed, net_cfg)
-        log_to_run_folder(out_dir)
+        check_same_network(resume_from, net_cfg)
+        if rank_zero_only.rank == 0:
+            log_to_run_folder(out_dir)
         log.info("resuming the run %s from %s", out_dir, resume_from)
         warn_config_changes(out_dir, cfg)
     module = XrayClassifier(
@@ -91,7 +84,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = module.test_results
     metrics = {
-        **run_report.test_report(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed),
+        **run_report.evaluation_metrics(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed),
         "last_epoch": last_epoch,
         "best_checkpoint": {
             "path": str(best_path.relative_to(out_dir)) if best_path else None,
@@ -107,19 +100,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         figures = run_report.make_test_figures(results, metrics["class_names"])
         if cfg.gradcam_samples > 0:
-            figures.update(test_sample_gradcam(module, datamodule, cfg.gradcam_samples, cfg.seed))
+            figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
         write_run_report(metrics, figures, logger, out_dir, trainer.global_step)
     return metrics
 
 
-def refuse_finished_run(out_dir: Path) -> None:
-    """A new run never writes into a folder that already holds one (an explicit hydra.run.dir)."""
+def new_run_folder(cfg: DictConfig) -> Path:
+    """paths.output_dir with the run's config.yaml in it. A folder that already holds a run (an
+    explicit hydra.run.dir) is refused: a new run never writes over another."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    out_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank != 0:  # DDP starts the other processes with the same config
+        return out_dir
     for name in ("metrics.json", "checkpoints"):
         if (out_dir / name).exists():
             raise UserInputError(
                 f"the run folder {out_dir} already holds a run ({name}); choose a new hydra.run.dir, "
                 "or resume an interrupted run with ckpt_path=<run>/checkpoints/last.ckpt"
             )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    return out_dir
 
 
 def log_to_run_folder(run_dir: Path) -> None:
