@@ -63,16 +63,17 @@ def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
     return module.eval()
 
 
-def network_name(net_cfg: dict[str, Any]) -> str:
+def network_name(net_cfg: Any) -> str:
+    """CNN for {"_target_": "xray_cls.networks.CNN", ...}, a dict or a DictConfig."""
     return str(net_cfg.get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def record_threshold(path: Path, threshold: dict[str, Any]) -> None:
-    """Store the run's chosen threshold in its checkpoint, so that `predict` and `evaluate` use it.
+def record_threshold(path: Path, checkpoint: dict[str, Any], threshold: dict[str, Any]) -> None:
+    """Store the run's chosen threshold in its checkpoint (`checkpoint`, as read from `path`), so
+    that `predict` and `evaluate` use it.
 
     Written to a temporary name and renamed: the checkpoint is never left half-written.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     checkpoint["hyper_parameters"]["threshold"] = threshold["threshold"]
     checkpoint["hyper_parameters"]["threshold_rule"] = threshold
     tmp = path.with_name(path.name + ".tmp")

@@ -17,11 +17,10 @@ from omegaconf import OmegaConf
 
 from xray_cls.errors import RunError, RunInterrupted, UserInputError
 
-log = logging.getLogger(__name__)
-
 # conf/ sits beside the package in a source checkout and inside it in an installed wheel.
 _PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
+
 
 def fresh_dir(base: str) -> str:
     """`base`, or `base_1`, `base_2`, ... : the first of them that this call could create.

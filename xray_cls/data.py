@@ -234,7 +234,7 @@ def list_images(split_dir: Path) -> tuple[list[Path], list[int], int]:
                 f"{' and '.join(CLASS_NAMES)} (any case), found {found or 'no folders'}"
             )
         files = sorted(p for p in class_dir.rglob("*") if p.is_file())
-        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+        images = [p for p in files if is_image_file(p)]
         if not images:
             raise UserInputError(
                 f"{class_dir} holds no images; expected {', '.join(sorted(IMAGE_SUFFIXES))} files"
@@ -245,20 +245,31 @@ def list_images(split_dir: Path) -> tuple[list[Path], list[int], int]:
     return paths, labels, ignored
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """One image file as a uint8 (size, size) grayscale array."""
+def is_image_file(path: Path) -> bool:
+    """An image by its suffix; hidden files (.DS_Store, macOS ._* AppleDouble files) never are."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def open_gray(path: Path, draft_size: int) -> Any:
+    """An image file as an 8-bit grayscale PIL image, at least about draft_size on each side."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image.draft("L", (size, size))  # JPEG: let the decoder downscale by up to 8x for free
+            image.draft("L", (draft_size, draft_size))  # JPEG: let the decoder downscale by up to 8x for free
             image.load()
-            gray = to_grayscale(image)
+            return to_grayscale(image)
     except Image.DecompressionBombError as err:  # PIL refuses images over ~179 megapixels
         raise UserInputError(f"{path} is too large to decode safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise UserInputError(f"{path} is not a readable image ({err})") from None
-    return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """One image file as a uint8 (size, size) grayscale array."""
+    from PIL import Image
+
+    return np.asarray(open_gray(path, size).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def to_grayscale(image: Any) -> Any:
@@ -278,10 +289,27 @@ def to_grayscale(image: Any) -> Any:
     return image.convert("L")
 
 
-def decode_images(paths: list[Path], size: int) -> np.ndarray:
-    """uint8 (N, size, size); PIL releases the GIL while decoding, so threads use every core."""
+def read_images(paths: list[Path], size: int) -> list[np.ndarray | UserInputError]:
+    """Each file as `read_image` gives it, or the error that says why it cannot be read. PIL
+    releases the GIL while decoding, so threads use every core."""
+
+    def attempt(path: Path) -> np.ndarray | UserInputError:
+        try:
+            return read_image(path, size)
+        except UserInputError as err:
+            return err
+
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return np.stack(list(pool.map(read_image, paths, [size] * len(paths))))
+        return list(pool.map(attempt, paths))
+
+
+def decode_images(paths: list[Path], size: int) -> np.ndarray:
+    """uint8 (N, size, size); the first unreadable file stops it."""
+    images = read_images(paths, size)
+    for image in images:
+        if isinstance(image, UserInputError):
+            raise image
+    return np.stack(images)
 
 
 # The decoded, resized images of a split folder are cached on disk, keyed by every file's path,

@@ -7,9 +7,8 @@ map. High values mark the regions that pushed the prediction towards PNEUMONIA.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import logging
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch

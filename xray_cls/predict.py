@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,14 @@ class InputFiles:
 
 def find_inputs(input_path: Path) -> InputFiles:
     """The image files to predict: `input_path` itself, or every image below it."""
-    from xray_cls.data import IMAGE_SUFFIXES
+    from xray_cls.data import IMAGE_SUFFIXES, is_image_file
 
     if input_path.is_file():
         return InputFiles([input_path])
     if not input_path.is_dir():
         raise UserInputError(f"input={input_path} does not exist; expected an image file or a folder of images")
     files = sorted(p for p in input_path.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    images = [p for p in files if is_image_file(p)]
     if not images:
         raise UserInputError(
             f"input={input_path} holds no images (searched recursively for {', '.join(sorted(IMAGE_SUFFIXES))}; "
@@ -59,18 +58,11 @@ def read_chunk(paths: list[Path], size: int, found: InputFiles) -> tuple[list[Pa
     import numpy as np
     import torch
 
-    from xray_cls.data import read_image
+    from xray_cls.data import read_images
 
-    def attempt(path: Path) -> Any:
-        try:
-            return read_image(path, size)
-        except UserInputError as err:
-            return err
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(attempt, paths))
-    ok = [(p, r) for p, r in zip(paths, results) if not isinstance(r, UserInputError)]
+    results = read_images(paths, size)
     found.unreadable += [(p, str(r)) for p, r in zip(paths, results) if isinstance(r, UserInputError)]
+    ok = [(p, r) for p, r in zip(paths, results) if not isinstance(r, UserInputError)]
     if not ok:
         return [], torch.empty(0, 1, size, size, dtype=torch.uint8)
     return [p for p, _ in ok], torch.from_numpy(np.stack([r for _, r in ok])).unsqueeze(1)
@@ -81,11 +73,9 @@ def display_image(path: Path) -> Any:
     import numpy as np
     from PIL import Image
 
-    from xray_cls.data import to_grayscale
+    from xray_cls.data import open_gray
 
-    with Image.open(path) as image:
-        image.draft("L", (OVERLAY_SIDE[1], OVERLAY_SIDE[1]))
-        gray = to_grayscale(image)
+    gray = open_gray(path, OVERLAY_SIDE[1])
     longer = max(gray.size)
     scale = min(max(longer, OVERLAY_SIDE[0]), OVERLAY_SIDE[1]) / longer
     size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))

@@ -73,14 +73,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     if best_path is not None:  # loaded once: the threshold rule and the test both use it
-        best = torch.load(best_path, map_location=module.device, weights_only=True)
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
         module.load_state_dict(best["state_dict"])
     else:  # e.g. stopped by max_steps before the first validation
         log.warning("no checkpoint has a %s score: testing the weights of the last step", cfg.checkpoint.monitor)
     threshold = decide_threshold(cfg, module, datamodule)
     module.set_threshold(threshold["threshold"])
     if best_path is not None and trainer.is_global_zero:
-        record_threshold(best_path, threshold)  # so that predict and evaluate apply the run's threshold
+        record_threshold(best_path, best, threshold)  # so that predict and evaluate apply the run's threshold
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = module.test_results
     metrics = {
@@ -204,8 +204,10 @@ def supported_precision(trainer_cfg: DictConfig) -> str:
 
 def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
     """The settings a study compares runs by (TensorBoard's HParams columns)."""
+    from xray_cls.checkpoint import network_name
+
     return {
-        "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
+        "model": network_name(cfg.model).lower(),
         "dropout": cfg.model.get("dropout", 0.0),
         "aug": cfg.data.aug,
         "lr": cfg.optimizer.lr,
