@@ -441,6 +441,12 @@ def test_corrupt_dicom_is_named(tmp_path: Path) -> None:
         gray(tmp_path / "empty.dcm")
 
 
+def test_multi_frame_dicom_is_refused(tmp_path: Path) -> None:
+    cine = write_dicom(tmp_path / "cine.dcm", np.zeros((16, 8), np.uint8), 8, Rows=8, NumberOfFrames=2)
+    with pytest.raises(UserInputError, match=f"{cine} holds 2 frames; expected a DICOM with one image"):
+        gray(cine)
+
+
 def test_npz_missing_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "partial.npz"
     arrays = dict(np.load(BUNDLED_NPZ))

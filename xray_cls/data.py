@@ -360,6 +360,8 @@ def read_dicom(path: Path) -> np.ndarray:
         return dicom_gray(dataset, dataset.pixel_array)
     except UserInputError:
         raise
+    except pydicom.errors.InvalidDicomError:
+        raise UserInputError(f"{path} is not a readable image (no DICOM header: 'DICM' after a 128-byte preamble)") from None
     except PermissionError as err:
         raise UserInputError(f"{path} is not a readable image ({err})") from None
     except Exception as err:  # noqa: BLE001  a hostile file can fail anywhere in pydicom; never a traceback
