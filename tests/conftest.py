@@ -51,6 +51,37 @@ def write_image(path: Path, label: int, index: int) -> None:
         Image.fromarray(pixels, "L").save(path.with_suffix(".JPG"), quality=95)
 
 
+def at_depth(pixels8: np.ndarray, bits: int) -> np.ndarray:
+    """The same picture with `bits` of depth, in uint16: what a detector of that depth writes."""
+    return (pixels8.astype(np.float64) * (2**bits - 1) / 255).round().astype(np.uint16)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, bits_stored: int, photometric: str = "MONOCHROME2", **attributes: object) -> Path:
+    """An uncompressed (explicit VR little endian) DICOM of unsigned pixels, as a modality writes one;
+    `attributes` add DICOM elements by keyword (WindowCenter, VOILUTSequence, ...)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray image, for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])  # one length per path
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
+    ds.PixelData = pixels.astype(np.uint8 if bits_stored <= 8 else "<u2").tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def make_kermany_folder(root: Path, layout: list[tuple[str, str, int]] = FOLDER_LAYOUT) -> Path:
     """root/{split}/{class}/ with images plus the junk real downloads carry."""
     for split, class_dir, count in layout:

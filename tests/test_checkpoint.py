@@ -23,7 +23,8 @@ def test_checkpoint_carries_preprocessing_and_the_chosen_threshold(cnn_run: Path
     data = PneumoniaMNISTDataModule()
     data.setup()
     assert hparams["preprocessing"] == {
-        "image_size": 28, "in_channels": 1, "mean": data.mean, "std": data.std, "class_names": ["NORMAL", "PNEUMONIA"]
+        "image_size": 28, "in_channels": 1, "mean": data.mean, "std": data.std, "class_names": ["NORMAL", "PNEUMONIA"],
+        "geometry": "crop",
     }
 
 

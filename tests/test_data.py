@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import FOLDER_LAYOUT, image_count, make_kermany_folder
+from conftest import FOLDER_LAYOUT, at_depth, image_count, make_kermany_folder, write_dicom
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from xray_cls.data import (
     AUGMENT_PRESETS,
@@ -19,8 +21,12 @@ from xray_cls.data import (
     BatchAugment,
     ImageFolderDataModule,
     PneumoniaMNISTDataModule,
+    is_image_file,
+    open_gray,
+    read_image,
     read_npz,
     patient_split,
+    resize_uint8,
 )
 from xray_cls.errors import UserInputError
 
@@ -278,6 +284,170 @@ def test_corrupt_image_is_named(kermany_root: Path, tmp_path: Path) -> None:
         ImageFolderDataModule(root=str(root)).setup()
 
 
+# --- pixels: geometry, bit depth, DICOM ---------------------------------------------------------
+
+
+def xray_like(height: int = 48, width: int = 64) -> np.ndarray:
+    """uint8 spanning exactly 0-255: a bright body on a dark background, with texture."""
+    y, x = np.mgrid[:height, :width]
+    body = np.exp(-(((x - width / 2) / (width / 3)) ** 2 + ((y - height / 2) / (height / 2.5)) ** 2))
+    pixels = body + np.random.default_rng(0).normal(0, 0.05, (height, width))
+    return ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).round().astype(np.uint8)
+
+
+def gray(path: Path) -> np.ndarray:
+    return np.asarray(open_gray(path, 64))
+
+
+def banded(path: Path, width: int, height: int) -> Path:
+    """Gray 100 in the centred square on the short side, bright 250 bands outside it."""
+    pixels = np.full((height, width), 250, np.uint8)
+    side = min(width, height)
+    top, left = (height - side) // 2, (width - side) // 2
+    pixels[top : top + side, left : left + side] = 100
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("width, height", [(120, 60), (60, 120)])  # bands left/right, then top/bottom
+def test_crop_removes_the_outer_bands_and_stretch_keeps_them(tmp_path: Path, width: int, height: int) -> None:
+    path = banded(tmp_path / "banded.png", width, height)
+    assert (read_image(path, 16, "crop") == 100).all()
+    stretched = read_image(path, 16, "stretch")
+    assert (stretched == 250).mean() >= 0.3  # the bands are half the image, less the blended seams
+    edges = (stretched[:, [0, -1]] if width > height else stretched[[0, -1], :])
+    assert (edges == 250).all()
+    tensor = torch.from_numpy(np.array(Image.open(path)))[None, None]  # a non-square .npz is fitted alike
+    assert (resize_uint8(tensor, 16, "crop") == 100).all()
+    assert (resize_uint8(tensor, 16, "stretch") == 250).float().mean() >= 0.3
+
+
+def test_folder_geometry_is_applied_and_recorded_for_the_checkpoint(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        for name in ("NORMAL", "PNEUMONIA"):
+            (tmp_path / split / name).mkdir(parents=True)
+            banded(tmp_path / split / name / "wide.png", 90, 50)
+            banded(tmp_path / split / name / "tall.png", 40, 70)
+    default = ImageFolderDataModule(root=str(tmp_path), image_size=16, val_fraction=0.5)
+    default.setup()
+    assert default.preprocessing()["geometry"] == "crop"
+    assert all((split.images == 100).all() for split in default.splits.values())
+    stretched = ImageFolderDataModule(root=str(tmp_path), image_size=16, val_fraction=0.5, geometry="stretch")
+    stretched.setup()
+    assert stretched.preprocessing()["geometry"] == "stretch"
+    assert all((split.images == 250).any(dim=(1, 2, 3)).all() for split in stretched.splits.values())
+
+
+def test_unknown_geometry_is_named(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"data.geometry='squash' is not valid; expected one of crop, stretch"):
+        ImageFolderDataModule(root=str(tmp_path), geometry="squash")
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 14, 16])
+def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path: Path, bits: int) -> None:
+    """A 16-bit PNG of 8, 10, 12, 14 or 16-bit data reads as the 8-bit picture, not a dark one."""
+    picture = xray_like()
+    Image.fromarray(at_depth(picture, bits)).save(tmp_path / "deep.png")
+    Image.fromarray(picture).save(tmp_path / "plain.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode.startswith("I")
+    assert np.array_equal(gray(tmp_path / "deep.png"), picture)
+    assert np.array_equal(gray(tmp_path / "plain.png"), picture)  # 8-bit stays as it is
+
+
+def test_png_sbit_chunk_sets_the_depth(tmp_path: Path) -> None:
+    """A dark 12-bit image (max 765 < 1024) that declares 12 significant bits is divided by 4095,
+    not by the 1023 its brightest pixel alone suggests."""
+    dark = xray_like().astype(np.uint16) * 3
+    declared = PngInfo()
+    declared.add(b"sBIT", bytes([12]))
+    Image.fromarray(dark).save(tmp_path / "declared.png", pnginfo=declared)
+    Image.fromarray(dark).save(tmp_path / "undeclared.png")
+    assert np.array_equal(gray(tmp_path / "declared.png"), (dark / 4095 * 255).round())
+    assert np.array_equal(gray(tmp_path / "undeclared.png"), (dark / 1023 * 255).round())
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_reads_as_the_8_bit_picture(tmp_path: Path, photometric: str) -> None:
+    """12-bit stored values; MONOCHROME1 (0 is white) holds them inverted and is inverted back."""
+    picture = xray_like()
+    stored = at_depth(picture, 12)
+    if photometric == "MONOCHROME1":
+        stored = 4095 - stored
+    path = write_dicom(tmp_path / "scan.DCM", stored, 12, photometric)
+    assert is_image_file(path)
+    assert np.array_equal(gray(path), picture)
+
+
+def test_dicom_window_center_and_width_apply(tmp_path: Path) -> None:
+    picture = xray_like()
+    stored = 1000 + at_depth(picture, 11)  # 1000-3047 of 12 bits
+    plain = gray(write_dicom(tmp_path / "plain.dcm", stored, 12))
+    assert plain.max() == round(3047 / 4095 * 255)  # without a window: the 12-bit range
+    windowed = gray(write_dicom(tmp_path / "windowed.dcm", stored, 12, WindowCenter=2024, WindowWidth=2048))
+    assert np.abs(windowed.astype(int) - picture).max() <= 1  # the window spans the data: 0-255
+
+
+def test_dicom_voi_lut_sequence_applies_before_its_window(tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset
+
+    picture = xray_like()
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 12]
+    lut.add_new("LUTData", "US", (4095 - np.arange(4096)).tolist())  # an inverting LUT
+    path = write_dicom(tmp_path / "lut.dcm", at_depth(picture, 12), 12, VOILUTSequence=[lut],
+                       WindowCenter=100, WindowWidth=10)  # the LUT wins over the window, as in pydicom
+    assert np.array_equal(gray(path), 255 - picture)
+
+
+def compress(path: Path, syntax: str, fragment: bytes) -> Path:
+    """The DICOM at `path` rewritten with one encapsulated frame in a compressed transfer syntax."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([fragment])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_compressed_dicom_decodes_or_names_the_missing_decoder(tmp_path: Path) -> None:
+    import io
+
+    from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
+
+    picture = xray_like()
+    jpeg = io.BytesIO()
+    Image.fromarray(picture).save(jpeg, format="JPEG", quality=95)
+    baseline = compress(write_dicom(tmp_path / "jpeg.dcm", picture, 8), JPEGBaseline8Bit, jpeg.getvalue())
+    assert np.abs(gray(baseline).astype(int) - picture).mean() < 3  # decoded by Pillow
+    jpeg_ls = compress(write_dicom(tmp_path / "jpegls.dcm", picture, 8), JPEGLSLossless, b"\xff\xd8\xff\xf7")
+    with pytest.raises(UserInputError) as err:
+        gray(jpeg_ls)
+    message = str(err.value)
+    assert "\n" not in message and str(jpeg_ls) in message
+    assert "JPEG-LS" in message and "pylibjpeg" in message and "pip install" in message
+
+
+def test_corrupt_dicom_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+    with pytest.raises(UserInputError, match=f"{bad} is not a readable image"):
+        gray(bad)
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with pytest.raises(UserInputError, match="empty.dcm is not a readable image"):
+        gray(tmp_path / "empty.dcm")
+
+
+def test_multi_frame_dicom_is_refused(tmp_path: Path) -> None:
+    cine = write_dicom(tmp_path / "cine.dcm", np.zeros((16, 8), np.uint8), 8, Rows=8, NumberOfFrames=2)
+    with pytest.raises(UserInputError, match=f"{cine} holds 2 frames; expected a DICOM with one image"):
+        gray(cine)
+
+
 def test_npz_missing_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "partial.npz"
     arrays = dict(np.load(BUNDLED_NPZ))
@@ -301,8 +471,8 @@ def test_image_size_must_be_a_positive_integer(size: object) -> None:
 # --- the on-disk cache of decoded folders -------------------------------------------------------
 
 
-def cached_module(root: Path, cache: Path, size: int = 16) -> ImageFolderDataModule:
-    dm = ImageFolderDataModule(root=str(root), image_size=size, cache_dir=str(cache), seed=0)
+def cached_module(root: Path, cache: Path, size: int = 16, geometry: str = "crop") -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(root=str(root), image_size=size, cache_dir=str(cache), seed=0, geometry=geometry)
     dm.setup()
     return dm
 
@@ -313,7 +483,7 @@ def folder_copy(kermany_root: Path, tmp_path: Path) -> Path:
 
 
 def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(paths, size):  # noqa: ANN001, ANN202
+    def fail(paths, size, geometry):  # noqa: ANN001, ANN202
         raise AssertionError(f"decoded {len(paths)} images although the cache holds them")
 
     monkeypatch.setattr("xray_cls.data.decode_images", fail)
@@ -355,11 +525,51 @@ def test_changed_file_invalidates_the_cache(folder_copy: Path, tmp_path: Path) -
     assert (after.splits["test"].images == 7).all(dim=(1, 2, 3)).sum() == 1
 
 
-def test_other_image_size_gets_its_own_entry(folder_copy: Path, tmp_path: Path) -> None:
-    cached_module(folder_copy, tmp_path / "cache", size=16)
+def test_other_image_size_or_geometry_gets_its_own_entry(folder_copy: Path, tmp_path: Path) -> None:
+    cropped = cached_module(folder_copy, tmp_path / "cache", size=16)
     bigger = cached_module(folder_copy, tmp_path / "cache", size=24)
     assert bigger.splits["test"].images.shape[-2:] == (24, 24)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 4
+    stretched = cached_module(folder_copy, tmp_path / "cache", size=16, geometry="stretch")
+    assert not torch.equal(stretched.splits["test"].images, cropped.splits["test"].images)  # its images are not square
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 6
+
+
+def test_rewritten_file_with_its_old_size_and_times_is_decoded_again(folder_copy: Path, tmp_path: Path) -> None:
+    """Same size, same mtime (set back with os.utime), other pixels: the ctime still tells."""
+    scan = write_dicom(folder_copy / "test" / "Normal" / "scan.dcm", np.full((40, 50), 1000, np.uint16), 12)
+    before = scan.stat()
+    first = cached_module(folder_copy, tmp_path / "cache")
+    write_dicom(scan, np.full((40, 50), 3000, np.uint16), 12)
+    os.utime(scan, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = scan.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = cached_module(folder_copy, tmp_path / "cache")
+    for split, value in ((first, 1000), (second, 3000)):
+        assert (split.splits["test"].images == round(value / 4095 * 255)).all(dim=(1, 2, 3)).sum() == 1
+
+
+def test_relative_and_absolute_root_share_one_entry(
+    folder_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(folder_copy.parent)
+    relative = cached_module(Path(folder_copy.name), tmp_path / "cache")
+    forbid_decoding(monkeypatch)
+    absolute = cached_module(folder_copy.resolve(), tmp_path / "cache")
+    assert torch.equal(relative.splits["test"].images, absolute.splits["test"].images)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_other_decoder_versions_get_a_fresh_decode(folder_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import PIL
+    import pydicom
+
+    entries = set()
+    for module, version in ((PIL, PIL.__version__), (PIL, "0.0"), (pydicom, "0.0")):
+        monkeypatch.setattr(module, "__version__", version)
+        cached_module(folder_copy, tmp_path / "cache")
+        entries |= {p.name for p in (tmp_path / "cache").glob("*.pt")}
+    assert len(entries) == 6  # train and test, under three keys
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shape"])

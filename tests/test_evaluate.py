@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FOLDER_LAYOUT, compose_config, image_count, run_cli
+from test_predict import with_geometry
 from test_train import assert_confusion_matrix_adds_up, load_events
 
 from xray_cls.errors import UserInputError
@@ -38,6 +39,19 @@ def test_folder_data_is_prepared_as_the_checkpoint_was_trained(cnn_run: Path, ke
     assert_confusion_matrix_adds_up(metrics, n_test=n_test, n_positive=n_positive)
     assert metrics["preprocessing"]["image_size"] == 28
     assert metrics["threshold"] == run["threshold"]
+    assert [p.name.split("-")[1:3] for p in (tmp_path / "cache").glob("*.pt")] == [["28", "crop"]] * 2
+
+
+@pytest.mark.parametrize("geometry", ["stretch", None])  # None: a checkpoint from before geometry was recorded
+def test_folder_images_get_the_checkpoints_geometry(cnn_run: Path, kermany_root: Path, tmp_path: Path,
+                                                     geometry: str | None, caplog) -> None:
+    ckpt = with_geometry(cnn_run / "checkpoints" / "best.ckpt", tmp_path / "model.ckpt", geometry)
+    caplog.set_level("INFO", logger="xray_cls.data")
+    evaluate_in(tmp_path / "out", ckpt, "data=folder", f"data.root={kermany_root}", "data.geometry=crop",
+                f"data.cache_dir={tmp_path / 'cache'}", "gradcam_samples=0")
+    # the decoded folders are cached under the size and geometry they were read with
+    assert [p.name.split("-")[1:3] for p in (tmp_path / "cache").glob("*.pt")] == [["28", "stretch"]] * 2
+    assert ("records no preprocessing geometry" in caplog.text) == (geometry is None)
 
 
 def test_a_chosen_split_and_threshold(cnn_run: Path, tmp_path: Path) -> None:

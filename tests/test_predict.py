@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config, run_cli, write_image
+import torch
+from conftest import at_depth, compose_config, run_cli, write_dicom, write_image
 from PIL import Image
 
 from xray_cls.checkpoint import load_classifier
@@ -83,6 +84,75 @@ def test_probabilities_match_the_model_on_the_same_images(cnn_run: Path, tmp_pat
     expected = module.predict_probabilities(normalize(images, prep["mean"], prep["std"])).tolist()
     rows = read_rows(predict_in(tmp_path / "out", cnn_run / "checkpoints" / "best.ckpt", tmp_path))
     assert [float(r["probability_pneumonia"]) for r in rows] == pytest.approx(expected, abs=2e-6)
+
+
+def bundled_xray(index: int, side: int = 112) -> np.ndarray:
+    """A bundled PneumoniaMNIST test image upscaled to `side` px: an X-ray at a file's resolution."""
+    data = PneumoniaMNISTDataModule()
+    data.setup()
+    small = Image.fromarray(data.splits["test"].images[index, 0].numpy())
+    return np.asarray(small.resize((side, side), Image.Resampling.BICUBIC))
+
+
+def test_one_xray_in_four_formats_gets_one_probability(cnn_run: Path, tmp_path: Path) -> None:
+    """An 8-bit PNG, a 12-bit PNG (no sBIT chunk), a MONOCHROME2 and a MONOCHROME1 DICOM of the same X-ray."""
+    for index in (0, 1, 2, 3):  # NORMAL and PNEUMONIA images of the bundled test split
+        picture = bundled_xray(index)
+        Image.fromarray(picture).save(tmp_path / f"xray{index}_png8.png")
+        Image.fromarray(at_depth(picture, 12)).save(tmp_path / f"xray{index}_png12.png")
+        write_dicom(tmp_path / f"xray{index}_dicom_mono2.dcm", at_depth(picture, 12), 12)
+        write_dicom(tmp_path / f"xray{index}_dicom_mono1.dcm", 4095 - at_depth(picture, 12), 12, "MONOCHROME1")
+    rows = read_rows(predict_in(tmp_path / "out", cnn_run / "checkpoints" / "best.ckpt", tmp_path))
+    by_xray: dict[str, dict[str, float]] = {}
+    for row in rows:
+        xray, kind = Path(row["path"]).stem.split("_", 1)
+        by_xray.setdefault(xray, {})[kind] = float(row["probability_pneumonia"])
+    print("probability of PNEUMONIA per format:")  # quoted in the README
+    for xray, probabilities in sorted(by_xray.items()):
+        print(f"  {xray}: " + ", ".join(f"{kind} {p:.4f}" for kind, p in sorted(probabilities.items())))
+    assert len(by_xray) == 4
+    for probabilities in by_xray.values():
+        assert len(probabilities) == 4
+        assert max(probabilities.values()) - min(probabilities.values()) < 0.02
+
+
+def with_geometry(ckpt: Path, target: Path, geometry: str | None) -> Path:
+    """A copy of `ckpt` whose preprocessing records `geometry`, or, for None, nothing (as older versions)."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    prep = checkpoint["hyper_parameters"]["preprocessing"]
+    prep.pop("geometry", None)
+    if geometry is not None:
+        prep["geometry"] = geometry
+    torch.save(checkpoint, target)
+    return target
+
+
+def test_images_are_fitted_as_the_checkpoint_was_trained(cnn_run: Path, tmp_path: Path, caplog) -> None:
+    """A wide X-ray with bright bands beside it: a model trained with crop never sees the bands; one
+    trained with stretch (or an older checkpoint) sees the whole image squeezed."""
+    ckpt = cnn_run / "checkpoints" / "best.ckpt"
+    assert load_classifier(ckpt).hparams.preprocessing["geometry"] == "crop"  # the bundled data's default
+    picture = bundled_xray(5, side=84)
+    banded = np.full((84, 168), 250, np.uint8)
+    banded[:, 42:126] = picture
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(picture).save(folder / "core.png")
+    Image.fromarray(banded).save(folder / "banded.png")
+    Image.fromarray(banded).resize((28, 28), Image.Resampling.BILINEAR).save(folder / "squeezed.png")
+
+    def probabilities(checkpoint: Path, out: str) -> dict[str, float]:
+        rows = read_rows(predict_in(tmp_path / out, checkpoint, folder))
+        return {Path(r["path"]).stem: float(r["probability_pneumonia"]) for r in rows}
+
+    cropped = probabilities(ckpt, "crop")
+    assert cropped["banded"] == pytest.approx(cropped["core"], abs=1e-6)
+    stretched = probabilities(with_geometry(ckpt, tmp_path / "stretch.ckpt", "stretch"), "stretch")
+    assert stretched["banded"] == pytest.approx(cropped["squeezed"], abs=1e-6)
+    caplog.set_level("INFO", logger="xray_cls.data")
+    older = probabilities(with_geometry(ckpt, tmp_path / "older.ckpt", None), "older")
+    assert older == stretched
+    assert "records no preprocessing geometry" in caplog.text and "stretched to a square" in caplog.text
 
 
 def test_one_image_through_the_cli(cnn_run: Path, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """`python -m xray_cls.evaluate ckpt=... [data=...] [split=test]`: a trained model's test metrics on any data.
 
-The model prepares images as it was trained: image size and normalization come from its
-checkpoint, not from `data.*`. The output folder (`outputs/evaluate/<date>/<time>/`) gets
+The model prepares images as it was trained: image size, geometry (crop or stretch) and
+normalization come from its checkpoint, not from `data.*`. The output folder (`outputs/evaluate/<date>/<time>/`) gets
 metrics.json, figures/ and a TensorBoard event file, like a run's test.
 """
 
@@ -26,6 +26,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from xray_cls import run_report
     from xray_cls.checkpoint import load_classifier
+    from xray_cls.data import trained_geometry
     from xray_cls.gradcam import gradcam_sample_figure
 
     quiet_libraries()
@@ -39,7 +40,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         threshold = {"rule": "fixed", "threshold": float(cfg.threshold)}
     module.set_threshold(threshold["threshold"])
 
-    datamodule = instantiate(cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], aug="none")
+    geometry = trained_geometry(preprocessing, cfg.ckpt)
+    datamodule = instantiate(
+        cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], geometry=geometry, aug="none"
+    )
     recorded_val = recorded_val_split(Path(cfg.ckpt)) if cfg.split == "val" else None
     if cfg.split == "val" and recorded_val is None and cfg.data.get("root"):
         log.warning("%s records no val split drawn from train: a val split drawn from data.root is new to it", cfg.ckpt)

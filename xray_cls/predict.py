@@ -52,14 +52,14 @@ def find_inputs(input_path: Path) -> InputFiles:
     return InputFiles(images, not_images=len(files) - len(images))
 
 
-def read_chunk(paths: list[Path], size: int, found: InputFiles) -> tuple[list[Path], Any]:
+def read_chunk(paths: list[Path], size: int, geometry: str, found: InputFiles) -> tuple[list[Path], Any]:
     """The readable images among `paths` as uint8 (N, 1, size, size); the others go to found.unreadable."""
     import numpy as np
     import torch
 
     from xray_cls.data import read_images
 
-    results = read_images(paths, size)
+    results = read_images(paths, size, geometry)
     found.unreadable += [(p, str(r)) for p, r in zip(paths, results) if isinstance(r, UserInputError)]
     ok = [(p, r) for p, r in zip(paths, results) if not isinstance(r, UserInputError)]
     if not ok:
@@ -67,26 +67,29 @@ def read_chunk(paths: list[Path], size: int, found: InputFiles) -> tuple[list[Pa
     return [p for p, _ in ok], torch.from_numpy(np.stack([r for _, r in ok])).unsqueeze(1)
 
 
-def display_image(path: Path) -> Any:
-    """The original image in grayscale, resized for an overlay: longer side within OVERLAY_SIDE."""
+def display_image(path: Path, geometry: str) -> Any:
+    """The image the model saw (the centred square when cropped), in grayscale at its own
+    resolution, resized for an overlay: longer side within OVERLAY_SIDE."""
     import numpy as np
     from PIL import Image
 
-    from xray_cls.data import open_gray
+    from xray_cls.data import center_square, open_gray
 
     gray = open_gray(path, OVERLAY_SIDE[1])
+    if geometry == "crop":
+        gray = gray.crop(center_square(*gray.size))
     longer = max(gray.size)
     scale = min(max(longer, OVERLAY_SIDE[0]), OVERLAY_SIDE[1]) / longer
     size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
     return np.asarray(gray.resize(size, Image.Resampling.BILINEAR))
 
 
-def save_overlay(path: Path, cam: Any, target: Path) -> None:
+def save_overlay(path: Path, cam: Any, geometry: str, target: Path) -> None:
     from xray_cls.gradcam import overlay
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    overlay(display_image(path), cam).save(tmp, format="PNG")
+    overlay(display_image(path, geometry), cam).save(tmp, format="PNG")
     os.replace(tmp, target)
 
 
@@ -95,7 +98,7 @@ def predict(cfg: DictConfig) -> Path:
     import torch
 
     from xray_cls.checkpoint import load_classifier
-    from xray_cls.data import CLASS_NAMES, normalize
+    from xray_cls.data import CLASS_NAMES, normalize, trained_geometry
     from xray_cls.gradcam import grad_cam, last_conv_layer
     from xray_cls.run_report import write_csv
 
@@ -112,6 +115,7 @@ def predict(cfg: DictConfig) -> Path:
             f"ckpt={cfg.ckpt} has none (train model=cnn or model=resnet, or leave gradcam=false)"
         )
     prep = module.hparams.preprocessing
+    geometry = trained_geometry(prep, cfg.ckpt)
     threshold = float(cfg.threshold) if cfg.threshold is not None else module.hparams.threshold
     if cfg.batch_size < 1:
         raise UserInputError(f"batch_size={cfg.batch_size!r} is not valid; expected a positive integer")
@@ -121,7 +125,7 @@ def predict(cfg: DictConfig) -> Path:
 
     rows: list[dict[str, Any]] = []
     for start in range(0, len(found.images), cfg.batch_size):
-        paths, images = read_chunk(found.images[start : start + cfg.batch_size], prep["image_size"], found)
+        paths, images = read_chunk(found.images[start : start + cfg.batch_size], prep["image_size"], geometry, found)
         if not paths:
             continue
         x = normalize(images, prep["mean"], prep["std"])
@@ -131,7 +135,7 @@ def predict(cfg: DictConfig) -> Path:
             overlay_path = None
             if cams is not None:
                 overlay_path = out_dir / "gradcam" / path.relative_to(root).with_name(path.name + ".png")  # a.jpeg and a.png both kept
-                save_overlay(path, cams[i], overlay_path)
+                save_overlay(path, cams[i], geometry, overlay_path)
             rows.append(
                 {
                     "path": str(path),
