@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -148,12 +149,17 @@ def _tensor_argument(net: dict, marker: Path) -> None:
 
 CRAFTED_NETWORKS = {
     "a _target_ nested in an argument": (_nested_in_an_argument, "net.dropout is a config to instantiate (pathlib.Path.write_text)"),
-    "a _target_ nested in a list": (_nested_in_a_list, "net.hidden is a list, not a number"),
+    "a _target_ nested in a list": (_nested_in_a_list, "net.hidden is a list holding a config to instantiate (pathlib.Path.write_text)"),
     "Hydra's _args_": (_hydra_positional_arguments, "net has the key '_args_', which is not a network argument"),
     "a dotted path through xray_cls.networks": (
         _dotted_path_through_the_networks_module, "net._target_='xray_cls.networks.nn.modules.module.torch.save' is not one of"
     ),
     "a tensor argument": (_tensor_argument, "net.hidden is a Tensor, not a number"),
+}
+CRAFTED_VALUES = {  # never instantiated, but the loader uses them: plain values only
+    "threshold": ({"_target_": "builtins.float"}, "threshold is a config to instantiate (builtins.float), not a number"),
+    "pos_weight": ("heavy", "pos_weight is a str, not a number or None"),
+    "preprocessing": ({"image_size": [28, {"a": 1}]}, "preprocessing.image_size is a list holding a dict"),
 }
 WOULD_WRITE = [case for case in CRAFTED_NETWORKS if case != "a tensor argument"]
 
@@ -201,6 +207,16 @@ def test_predict_and_evaluate_refuse_a_crafted_network(case: str, cnn_run: Path,
     with pytest.raises(UserInputError, match="can be trusted"):
         evaluate(compose_config(out, [f"ckpt={ckpt}"], name="evaluate"))
     assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("hparam", CRAFTED_VALUES)
+def test_values_the_loader_uses_must_be_plain(hparam: str, cnn_run: Path, tmp_path: Path) -> None:
+    value, expected = CRAFTED_VALUES[hparam]
+    checkpoint = torch.load(cnn_run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"][hparam] = value
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+    with pytest.raises(UserInputError, match=re.escape(f"can be trusted: {expected}")):
+        load_classifier(tmp_path / "model.ckpt")
 
 
 @pytest.mark.parametrize("hparam", ["optimizer", "scheduler"])

@@ -66,9 +66,10 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
             return f"net has the key {str(key)[:100]!r}, which is not a network argument"
         if not _is_plain(value, lists=True):
             return f"net.{key} is {_kind(value)}, not a number, string, boolean, None or a list of those"
-    for key, allowed in [("threshold", (int, float)), ("pos_weight", (int, float, type(None)))]:
-        if type(hparams.get(key, 0.5 if key == "threshold" else None)) not in allowed:
-            return f"{key} is {_kind(hparams[key])}, not a number"
+    if type(hparams.get("threshold", 0.5)) not in (int, float):
+        return f"threshold is {_kind(hparams['threshold'])}, not a number"
+    if type(hparams.get("pos_weight")) not in (int, float, type(None)):
+        return f"pos_weight is {_kind(hparams['pos_weight'])}, not a number or None"
     for group in ("preprocessing", "threshold_rule"):
         for key, value in (hparams.get(group) or {}).items():
             if not _is_plain(value, lists=True):
@@ -87,6 +88,8 @@ def _is_plain(value: Any, lists: bool = False) -> bool:
 
 
 def _kind(value: Any) -> str:
+    if type(value) in (list, tuple):
+        return f"a list holding {_kind(next(item for item in value if type(item) not in PLAIN_TYPES))}"
     if isinstance(value, dict) and "_target_" in value:
         return f"a config to instantiate ({str(value['_target_'])[:100]})"
     return f"a {type(value).__name__}"
