@@ -20,7 +20,7 @@ from xray_cls.data import (
     ImageFolderDataModule,
     PneumoniaMNISTDataModule,
     read_npz,
-    stratified_split,
+    patient_split,
 )
 from xray_cls.errors import UserInputError
 
@@ -79,9 +79,10 @@ def test_folder_converts_rgb_and_rgba_to_the_same_gray(tmp_path: Path) -> None:
 
 def test_val_split_is_stratified_disjoint_and_seeded() -> None:
     labels = torch.tensor([0] * 40 + [1] * 60)
-    train_a, val_a = stratified_split(labels, 0.1, seed=1)
-    train_b, val_b = stratified_split(labels, 0.1, seed=1)
-    _, val_c = stratified_split(labels, 0.1, seed=2)
+    one_per_image = [str(i) for i in range(100)]
+    train_a, val_a = patient_split(labels, one_per_image, 0.1, seed=1)
+    train_b, val_b = patient_split(labels, one_per_image, 0.1, seed=1)
+    _, val_c = patient_split(labels, one_per_image, 0.1, seed=2)
     assert torch.equal(val_a, val_b) and torch.equal(train_a, train_b)
     assert not torch.equal(val_a, val_c)
     assert torch.bincount(labels[val_a]).tolist() == [4, 6]

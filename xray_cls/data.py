@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,12 +112,18 @@ def augment_preset(name: str) -> Augment:
 class Split:
     images: torch.Tensor  # uint8 (N, 1, H, W)
     labels: torch.Tensor  # int64 (N,)
+    paths: list[Path] | None = None  # the image files, for splits read from a folder
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> Split:
-        return Split(self.images[index], self.labels[index])
+        paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
+        return Split(self.images[index], self.labels[index], paths)
+
+    def concat(self, other: Split) -> Split:
+        paths = self.paths + other.paths if self.paths is not None and other.paths is not None else None
+        return Split(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]), paths)
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
@@ -165,17 +172,36 @@ def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return batch  # __getitems__ already returns stacked tensors
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (train, val) with `fraction` of each class in val, the same for the same seed."""
+# Kermany file names name the patient: person1946_bacteria_4875.jpeg is patient person1946,
+# IM-0115-0001.jpeg is IM-0115 and NORMAL2-IM-1427-0001.jpeg is NORMAL2-IM-1427.
+KERMANY_PATIENT = re.compile(r"^(person\d+(?=_)|(?:NORMAL2-)?IM-\d+(?=-))", re.IGNORECASE)
+
+
+def patient_id(path: Path) -> str | None:
+    """The patient a Kermany image file belongs to, or None when its name follows no known pattern."""
+    match = KERMANY_PATIENT.match(path.name)
+    return match.group(1) if match else None
+
+
+def patient_split(
+    labels: torch.Tensor, patients: list[str], fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val): `fraction` of each class's patients in val, every image of a patient
+    on the same side, the same for the same seed. A patient counts for the class of most of its
+    images; one group per image makes this an image-level stratified split."""
+    members: dict[str, list[int]] = {}
+    for index, patient in enumerate(patients):
+        members.setdefault(patient, []).append(index)
     generator = torch.Generator().manual_seed(seed)
-    train_parts, val_parts = [], []
-    for label in labels.unique():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        n_val = max(1, round(fraction * len(members)))
-        val_parts.append(members[:n_val])
-        train_parts.append(members[n_val:])
-    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+    val: list[int] = []
+    for label in labels.unique().tolist():
+        groups = [g for g, index in members.items() if labels[index].mode().values.item() == label]
+        order = torch.randperm(len(groups), generator=generator)
+        n_val = max(1, round(fraction * len(groups)))
+        val += [i for k in order[:n_val].tolist() for i in members[groups[k]]]
+    in_val = torch.zeros(len(labels), dtype=torch.bool)
+    in_val[val] = True
+    return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -362,8 +388,9 @@ def read_folder_split(split_dir: Path, size: int, cache_dir: Path | None = None)
     cache = cache_path(cache_dir, split_dir, paths, labels, size) if cache_dir else None
     if cache is not None and (split := load_cached_split(cache, labels, size)) is not None:
         log.info("%s: %d images from the cache %s", split_dir, len(paths), cache)
+        split.paths = paths
         return split
-    split = Split(torch.from_numpy(decode_images(paths, size)).unsqueeze(1), torch.tensor(labels))
+    split = Split(torch.from_numpy(decode_images(paths, size)).unsqueeze(1), torch.tensor(labels), paths)
     if cache is not None:
         try:
             save_cached_split(cache, split)
@@ -422,26 +449,50 @@ class XrayDataModule(L.LightningDataModule):
         self.mean = 0.0
         self.std = 1.0
         self.test_split = "test"  # the split test_dataloader serves (`evaluate split=...`)
+        self.only_split: str | None = None  # evaluate reads just the split it evaluates
+        self.recorded_val: list[str] | None = None  # a run's derived val split, to evaluate on again
 
     def read_splits(self) -> dict[str, Split]:
         raise NotImplementedError
+
+    def evaluate_split(self, split: str, recorded_val: list[str] | None = None) -> None:
+        """Serve `split` as the test split, reading only what it needs; a val split derived from
+        train is rebuilt from `recorded_val` (the run's own, see `state_dict`) when given."""
+        if split not in SPLITS:
+            raise UserInputError(f"split={split!r} is not a split of this data; expected one of {', '.join(SPLITS)}")
+        self.test_split = self.only_split = split
+        self.recorded_val = recorded_val
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:  # idempotent: the CLI reads the data once to size the network
             return
         self.splits = self.read_splits()
-        self.mean, self.std = pixel_mean_std(self.splits["train"].images)
         for name, split in self.splits.items():
             log.info("%s split: %d images, %s = %s", name, len(split), "/".join(CLASS_NAMES), split.class_counts())
-        log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)
+        if "train" in self.splits:  # evaluate reads no train split: the checkpoint has the statistics
+            self.mean, self.std = pixel_mean_std(self.splits["train"].images)
+            log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)
 
     @property
     def image_size(self) -> int:
-        return self.splits["train"].images.shape[-1]
+        return next(iter(self.splits.values())).images.shape[-1]
 
     @property
     def in_channels(self) -> int:
-        return self.splits["train"].images.shape[1]
+        return next(iter(self.splits.values())).images.shape[1]
+
+    def split_rows(self) -> list[dict[str, Any]]:
+        """Which image went to which split (splits.csv): path, split, label, patient."""
+        rows = []
+        for name, split in self.splits.items():
+            for i, label in enumerate(split.labels.tolist()):
+                path = self.source_name(split, name, i)
+                patient = patient_id(split.paths[i]) if split.paths is not None else None
+                rows.append({"path": path, "split": name, "label": CLASS_NAMES[label], "patient": patient or ""})
+        return rows
+
+    def source_name(self, split: Split, name: str, index: int) -> str:
+        return f"{name}_images[{index}]"  # the .npz key and row
 
     def preprocess(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         """uint8 images -> normalized float, augmented when `train`."""
@@ -535,7 +586,8 @@ class ImageFolderDataModule(XrayDataModule):
     """Kermany/Kaggle layout: root/{train,test[,val]}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png}.
 
     A missing val folder, or one with fewer than `min_val_images` images (Kaggle's has 16), is
-    replaced by a stratified `val_fraction` of train (its images, if any, join train first).
+    replaced by `val_fraction` of train's patients per class (its images, if any, join train
+    first), so that no patient has images on both sides.
     """
 
     def __init__(
@@ -558,6 +610,7 @@ class ImageFolderDataModule(XrayDataModule):
         self.val_fraction = val_fraction
         self.min_val_images = min_val_images
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.derived_val: list[str] | None = None  # the val split drawn from train, as paths relative to root
 
     def read_splits(self) -> dict[str, Split]:
         if not self.root.is_dir():
@@ -565,24 +618,96 @@ class ImageFolderDataModule(XrayDataModule):
                 f"data.root: {self.root} does not exist or is not a folder; expected a folder with "
                 "train/ and test/ (and optionally val/), each holding NORMAL/ and PNEUMONIA/"
             )
-        size = self.requested_size
-        folders = {name: find_subfolder(self.root, (name,)) for name in ("train", "test")}
-        for name, folder in folders.items():
-            if folder is None:
-                found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-                raise UserInputError(
-                    f"data.root: {self.root} has no {name}/ folder; expected train/ and test/ "
-                    f"(and optionally val/), found {found or 'no folders'}"
-                )
-        train = read_folder_split(folders["train"], size, self.cache_dir)
-        test = read_folder_split(folders["test"], size, self.cache_dir)
+        if self.only_split == "test":
+            return {"test": self._read(self._test_folder())}
+        splits = self._train_and_val(self._read(self._folder("train")))
+        if self.only_split is None:
+            splits["test"] = self._read(self._folder("test"))
+        return splits
+
+    def _read(self, folder: Path) -> Split:
+        return read_folder_split(folder, self.requested_size, self.cache_dir)
+
+    def _folder(self, name: str) -> Path:
+        folder = find_subfolder(self.root, (name,))
+        if folder is None:
+            found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            raise UserInputError(
+                f"data.root: {self.root} has no {name}/ folder; expected train/ and test/ "
+                f"(and optionally val/), found {found or 'no folders'}"
+            )
+        return folder
+
+    def _test_folder(self) -> Path:
+        """root/test, or root itself when it holds the class folders (a folder of test images alone)."""
+        if find_subfolder(self.root, ("test",)) is None and all(find_subfolder(self.root, (c,)) for c in CLASS_NAMES):
+            return self.root
+        return self._folder("test")
+
+    def _train_and_val(self, train: Split) -> dict[str, Split]:
         val_dir = find_subfolder(self.root, VAL_FOLDER_NAMES)
-        val = read_folder_split(val_dir, size, self.cache_dir) if val_dir is not None else None
+        val = self._read(val_dir) if val_dir is not None else None
         if val is not None and len(val) >= self.min_val_images:
-            return {"train": train, "val": val, "test": test}
+            log_patient_overlap(train, val)
+            return {"train": train, "val": val}
         if val is not None:
             log.info("%s has only %d images (< data.min_val_images=%d): merged into train", val_dir, len(val), self.min_val_images)
-            train = Split(torch.cat([train.images, val.images]), torch.cat([train.labels, val.labels]))
-        train_index, val_index = stratified_split(train.labels, self.val_fraction, self.seed)
-        log.info("val split: a stratified %.0f%% of train (seed %d)", 100 * self.val_fraction, self.seed)
-        return {"train": train.subset(train_index), "val": train.subset(val_index), "test": test}
+            train = train.concat(val)
+        if self.recorded_val is not None:
+            train_index, val_index = self._recorded_val_index(train)
+        else:
+            patients = patient_groups(train.paths)
+            unmatched = sum(p.startswith(ONE_IMAGE_GROUP) for p in patients)
+            if unmatched:
+                log.info("%d of %d image names name no patient (Kermany patterns): one group per image", unmatched, len(patients))
+            train_index, val_index = patient_split(train.labels, patients, self.val_fraction, self.seed)
+            log.info("val split: %.0f%% of train's patients per class (seed %d)", 100 * self.val_fraction, self.seed)
+        splits = {"train": train.subset(train_index), "val": train.subset(val_index)}
+        self.derived_val = [self.source_name(splits["val"], "val", i) for i in range(len(splits["val"]))]
+        log_patient_overlap(splits["train"], splits["val"])
+        return splits
+
+    def _recorded_val_index(self, train: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's own val split, by the paths its checkpoint recorded."""
+        recorded = set(self.recorded_val or [])
+        in_val = torch.tensor([self.source_name(train, "train", i) in recorded for i in range(len(train))])
+        found = int(in_val.sum())
+        if found == 0:
+            raise UserInputError(
+                f"data.root: {self.root} holds none of the {len(recorded)} val images the checkpoint's run "
+                "recorded; expected the folder the run was trained on (or evaluate split=test)"
+            )
+        if found < len(recorded):
+            log.warning("%d of the run's %d recorded val images are missing from %s", len(recorded) - found, len(recorded), self.root)
+        log.info("val split: the %d images the run recorded", found)
+        return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
+
+    def source_name(self, split: Split, name: str, index: int) -> str:
+        path = split.paths[index]  # type: ignore[index]  # folder splits always carry their paths
+        return path.relative_to(self.root).as_posix()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the val split drawn from train, so `evaluate split=val` rebuilds it."""
+        return {"derived_val": self.derived_val} if self.derived_val is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("derived_val") != self.derived_val:
+            log.warning("the val split differs from the one the checkpoint recorded (the folder or the seed changed)")
+
+
+ONE_IMAGE_GROUP = "image:"
+
+
+def patient_groups(paths: list[Path] | None) -> list[str]:
+    """The patient of each image; an image whose name names no patient is a group of its own."""
+    return [patient_id(p) or f"{ONE_IMAGE_GROUP}{p}" for p in paths or []]
+
+
+def log_patient_overlap(train: Split, val: Split) -> None:
+    """val has N images of M patients, and how many of them are in train too (0 for a derived split)."""
+    train_patients = set(patient_groups(train.paths))
+    val_patients = set(patient_groups(val.paths))
+    shared = len(train_patients & val_patients)
+    (log.warning if shared else log.info)(
+        "val has %d images of %d patients, and %d patients are shared with train", len(val), len(val_patients), shared
+    )

@@ -40,9 +40,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module.set_threshold(threshold["threshold"])
 
     datamodule = instantiate(cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], aug="none")
+    recorded_val = recorded_val_split(Path(cfg.ckpt)) if cfg.split == "val" else None
+    if cfg.split == "val" and recorded_val is None and cfg.data.get("root"):
+        log.warning("%s records no val split drawn from train: a val split drawn from data.root is new to it", cfg.ckpt)
+    datamodule.evaluate_split(cfg.split, recorded_val)
     datamodule.setup("test")
     datamodule.use_preprocessing(preprocessing)
-    datamodule.test_split = cfg.split
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
@@ -71,6 +74,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print(run_report.format_test_table(metrics, title=f"{cfg.split.capitalize()} results of {cfg.ckpt}"), flush=True)
     log.info("evaluation folder: %s", out_dir)
     return metrics
+
+
+def recorded_val_split(ckpt: Path) -> list[str] | None:
+    """The val images (paths relative to data.root) of a run whose val split was drawn from train,
+    as its checkpoint records them; None for runs that had a val split of their own."""
+    from xray_cls.checkpoint import read_checkpoint
+
+    state = read_checkpoint(ckpt).get("ImageFolderDataModule")
+    if isinstance(state, dict) and isinstance(state.get("derived_val"), list):
+        return [str(path) for path in state["derived_val"]]
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")

@@ -8,7 +8,6 @@ images are skipped and counted, unreadable images are skipped and named in the l
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from dataclasses import dataclass, field
@@ -98,6 +97,7 @@ def predict(cfg: DictConfig) -> Path:
     from xray_cls.checkpoint import load_classifier
     from xray_cls.data import CLASS_NAMES, normalize
     from xray_cls.gradcam import grad_cam, last_conv_layer
+    from xray_cls.run_report import write_csv
 
     quiet_libraries()
     require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
@@ -147,7 +147,7 @@ def predict(cfg: DictConfig) -> Path:
         if input_path.is_file():
             raise UserInputError(f"input={found.unreadable[0][1]}")
         raise UserInputError(f"input={input_path}: none of its {len(found.images)} image file(s) could be read")
-    write_csv(csv_path, rows)
+    write_csv(csv_path, rows, CSV_COLUMNS)
     called = sum(r["predicted_label"] == CLASS_NAMES[1] for r in rows)
     print(
         f"predicted {len(rows)} image(s), {called} called {CLASS_NAMES[1]} at threshold {threshold:.4f}: {csv_path}\n"
@@ -156,17 +156,6 @@ def predict(cfg: DictConfig) -> Path:
         flush=True,
     )
     return csv_path
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Written to a temporary name and renamed: a predictions.csv is always complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")

@@ -20,6 +20,8 @@ from xray_cls.errors import RunInterrupted, UserInputError
 
 log = logging.getLogger(__name__)
 
+SPLITS_COLUMNS = ["path", "split", "label", "patient"]  # splits.csv: which image each split holds
+
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One run: fit, test the best checkpoint, write metrics.json. Returns the metrics.
@@ -44,6 +46,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")  # reads the data, so the network can be sized to it
+    if rank_zero_only.rank == 0 and not (out_dir / "splits.csv").exists():  # a resumed run keeps its own
+        run_report.write_csv(out_dir / "splits.csv", datamodule.split_rows(), SPLITS_COLUMNS)
     net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net_cfg.update(in_channels=datamodule.in_channels, image_size=datamodule.image_size)
     if resume_from is not None:  # checked before anything is written to the run's folder
