@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import compose_config, run_cli
+from hydra.utils import instantiate
 
 from xray_cls.checkpoint import load_classifier, read_checkpoint
 from xray_cls.data import PneumoniaMNISTDataModule, normalize
 from xray_cls.errors import UserInputError
+from xray_cls.evaluate import evaluate
+from xray_cls.predict import predict
 
 
 def test_checkpoint_carries_preprocessing_and_the_chosen_threshold(cnn_run: Path) -> None:
@@ -77,7 +81,7 @@ BAD_CHECKPOINTS = {
     "not a checkpoint": (lambda run, path: path.write_text("hello"), "is not a readable checkpoint"),
     "truncated": (_truncated, "is not a readable checkpoint"),
     "foreign state dict": (_foreign_state_dict, "not an xray_cls checkpoint"),
-    "foreign network target": (_foreign_target, "not an xray_cls checkpoint"),
+    "foreign network target": (_foreign_target, "not an xray_cls checkpoint that can be trusted"),
     "pickled code": (_code_in_pickle, "is not a readable checkpoint"),
 }
 
@@ -112,3 +116,143 @@ def test_cli_reports_a_corrupt_checkpoint_in_one_line(cnn_run: Path, tmp_path: P
 
 def test_record_threshold_leaves_no_temporary_file(cnn_run: Path) -> None:
     assert sorted(p.name for p in (cnn_run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+# Crafted checkpoints: a run's own best.ckpt with a payload that writes the file `marker` if
+# anything in it is instantiated (as Hydra's recursive instantiate of the checkpoint once did).
+
+
+def writes(marker: Path) -> dict:
+    """A config that writes `marker` when Hydra instantiates it."""
+    return {"_target_": "pathlib.Path.write_text", "_args_": [{"_target_": "pathlib.Path", "_args_": [str(marker)]}, "pwned"]}
+
+
+def _nested_in_an_argument(net: dict, marker: Path) -> None:
+    net["dropout"] = writes(marker)
+
+
+def _nested_in_a_list(net: dict, marker: Path) -> None:
+    net["hidden"] = [writes(marker)]
+
+
+def _hydra_positional_arguments(net: dict, marker: Path) -> None:
+    net["_args_"] = [writes(marker)]
+
+
+def _dotted_path_through_the_networks_module(net: dict, marker: Path) -> None:
+    net.clear()  # passes a check of the prefix xray_cls.networks.
+    net.update({"_target_": "xray_cls.networks.nn.modules.module.torch.save", "_args_": [[1], str(marker)]})
+
+
+def _tensor_argument(net: dict, marker: Path) -> None:
+    net["hidden"] = torch.tensor([8])
+
+
+CRAFTED_NETWORKS = {
+    "a _target_ nested in an argument": (_nested_in_an_argument, "net.dropout is a config to instantiate (pathlib.Path.write_text)"),
+    "a _target_ nested in a list": (_nested_in_a_list, "net.hidden is a list holding a config to instantiate (pathlib.Path.write_text)"),
+    "Hydra's _args_": (_hydra_positional_arguments, "net has the key '_args_', which is not a network argument"),
+    "a dotted path through xray_cls.networks": (
+        _dotted_path_through_the_networks_module, "net._target_='xray_cls.networks.nn.modules.module.torch.save' is not one of"
+    ),
+    "a tensor argument": (_tensor_argument, "net.hidden is a Tensor, not a number"),
+}
+CRAFTED_VALUES = {  # never instantiated, but the loader uses them: plain values only
+    "threshold": ({"_target_": "builtins.float"}, "threshold is a config to instantiate (builtins.float), not a number"),
+    "pos_weight": ("heavy", "pos_weight is a str, not a number or None"),
+    "preprocessing": ({"image_size": [28, {"a": 1}]}, "preprocessing.image_size is a list holding a dict"),
+}
+WOULD_WRITE = [case for case in CRAFTED_NETWORKS if case != "a tensor argument"]
+
+
+def craft(run: Path, path: Path, hparam: str, change) -> Path:
+    """`path`: the run's best.ckpt with hyper_parameters[hparam] changed; returns the payload's marker."""
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    marker = path.parent / f"{path.stem}.pwned"
+    if hparam == "net":
+        change(checkpoint["hyper_parameters"]["net"], marker)
+    else:
+        checkpoint["hyper_parameters"][hparam] = writes(marker)
+    torch.save(checkpoint, path)
+    return marker
+
+
+@pytest.mark.parametrize("case", WOULD_WRITE)
+def test_the_crafted_networks_do_write_when_instantiated(case: str, cnn_run: Path, tmp_path: Path) -> None:
+    """The tests below are meaningful: Hydra's instantiate of the same `net` writes the file."""
+    marker = craft(cnn_run, tmp_path / "model.ckpt", "net", CRAFTED_NETWORKS[case][0])
+    net = torch.load(tmp_path / "model.ckpt", weights_only=True)["hyper_parameters"]["net"]
+    try:
+        instantiate(net)
+    except Exception:  # the payload has run by the time the network refuses what it returned
+        pass
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("hparam", ["optimizer", "scheduler"])
+def test_a_crafted_optimizer_or_scheduler_does_write_when_instantiated(hparam: str, cnn_run: Path, tmp_path: Path) -> None:
+    marker = craft(cnn_run, tmp_path / "model.ckpt", hparam, None)
+    instantiate(torch.load(tmp_path / "model.ckpt", weights_only=True)["hyper_parameters"][hparam])
+    assert marker.read_text() == "pwned"
+
+
+@pytest.mark.parametrize("case", CRAFTED_NETWORKS)
+def test_predict_and_evaluate_refuse_a_crafted_network(case: str, cnn_run: Path, kermany_root: Path, tmp_path: Path) -> None:
+    change, expected = CRAFTED_NETWORKS[case]
+    ckpt = tmp_path / "model.ckpt"
+    marker = craft(cnn_run, ckpt, "net", change)
+    out = tmp_path / "out"
+    with pytest.raises(UserInputError) as refused:
+        predict(compose_config(out, [f"ckpt={ckpt}", f"input={kermany_root / 'test'}"], name="predict"))
+    assert str(refused.value).startswith(f"ckpt={ckpt} is not an xray_cls checkpoint that can be trusted: {expected}")
+    with pytest.raises(UserInputError, match="can be trusted"):
+        evaluate(compose_config(out, [f"ckpt={ckpt}"], name="evaluate"))
+    assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("hparam", CRAFTED_VALUES)
+def test_values_the_loader_uses_must_be_plain(hparam: str, cnn_run: Path, tmp_path: Path) -> None:
+    value, expected = CRAFTED_VALUES[hparam]
+    checkpoint = torch.load(cnn_run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"][hparam] = value
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+    with pytest.raises(UserInputError, match=re.escape(f"can be trusted: {expected}")):
+        load_classifier(tmp_path / "model.ckpt")
+
+
+@pytest.mark.parametrize("hparam", ["optimizer", "scheduler"])
+def test_predict_and_evaluate_never_build_a_checkpoints_optimizer_or_scheduler(
+    hparam: str, cnn_run: Path, kermany_root: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "model.ckpt"
+    marker = craft(cnn_run, ckpt, hparam, None)
+    module = load_classifier(ckpt)
+    assert module.hparams.optimizer is None and module.hparams.scheduler is None
+    predict(compose_config(tmp_path / "predict", [f"ckpt={ckpt}", f"input={kermany_root / 'test'}"], name="predict"))
+    metrics = evaluate(compose_config(tmp_path / "evaluate", [f"ckpt={ckpt}", "gradcam_samples=0", "bootstrap.resamples=10"],
+                                      name="evaluate"))
+    assert metrics["n_test"] == 624 and (tmp_path / "predict" / "predictions.csv").is_file()
+    assert not marker.exists()
+
+
+def test_cli_refuses_a_crafted_checkpoint_in_one_line(cnn_run: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.ckpt"
+    marker = craft(cnn_run, ckpt, "net", _nested_in_an_argument)
+    for module, args in [("xray_cls.predict", [f"input={tmp_path}"]), ("xray_cls.evaluate", [])]:
+        result = run_cli([f"ckpt={ckpt}", *args, f"hydra.run.dir={tmp_path / module}"], cwd=tmp_path, module=module)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.startswith(f"error: ckpt={ckpt} is not an xray_cls checkpoint that can be trusted: net.dropout")
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not marker.exists()
+        assert not any((tmp_path / module).glob("*.csv")) and not (tmp_path / module / "metrics.json").exists()
+
+
+def test_last_checkpoint_carries_the_runs_threshold(cnn_run: Path, kermany_root: Path, tmp_path: Path) -> None:
+    metrics = json.loads((cnn_run / "metrics.json").read_text())
+    last = cnn_run / "checkpoints" / "last.ckpt"
+    hparams = read_checkpoint(last)["hyper_parameters"]
+    assert hparams["threshold"] == metrics["threshold"] != 0.5
+    assert hparams["threshold_rule"] == metrics["threshold_rule"]
+    csv_path = predict(compose_config(tmp_path, [f"ckpt={last}", f"input={kermany_root / 'test'}"], name="predict"))
+    rows = csv_path.read_text().splitlines()[1:]
+    assert rows and all(row.split(",")[3] == f"{metrics['threshold']:.6f}" for row in rows)

@@ -81,3 +81,38 @@ def test_missing_checkpoint_through_the_cli(tmp_path: Path) -> None:
     result = run_cli(["ckpt=runs/none/best.ckpt"], cwd=tmp_path, module="xray_cls.evaluate")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ckpt=runs/none/best.ckpt does not exist; expected a .ckpt file")
+
+
+def test_a_bf16_runs_test_is_reproduced_by_a_float32_evaluation(tmp_path: Path) -> None:
+    """Training runs under bf16 autocast, its test in float32: evaluate (32-true) gives the same figures."""
+    from conftest import SHORT_RUN
+
+    from xray_cls.train import train
+
+    run = train(compose_config(tmp_path / "run", ["model=cnn", "trainer.precision=bf16-mixed", "gradcam_samples=0",
+                                                  "bootstrap.resamples=10", *SHORT_RUN]))
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    metrics = evaluate_in(tmp_path / "evaluate", ckpt, "gradcam_samples=0", "bootstrap.resamples=10")
+    assert metrics["confusion_matrix"] == run["confusion_matrix"]
+    assert metrics["test"] == pytest.approx(run["test"], abs=1e-6)
+    # The test step itself computes in float32 under bf16 autocast, not only after it.
+    again = evaluate_in(tmp_path / "evaluate_bf16", ckpt, "gradcam_samples=0", "bootstrap.resamples=10",
+                        "trainer.precision=bf16-mixed")
+    assert again["test"] == pytest.approx(metrics["test"], abs=1e-6)
+
+
+def test_test_probabilities_are_float32_under_bf16_autocast() -> None:
+    import torch
+
+    from xray_cls.classifier import XrayClassifier
+
+    net = {"_target_": "xray_cls.networks.CNN", "in_channels": 1, "image_size": 8, "channels": [4], "hidden": [], "dropout": 0}
+    module = XrayClassifier(net=net)
+    images, labels = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 0, 1, 1, 0])
+    with torch.no_grad():
+        reference = torch.sigmoid(module(images))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert module(images).dtype == torch.bfloat16  # what autocast alone would give
+            _, probs, _ = module._step((images, labels), float32=True)
+    assert probs.dtype == torch.float32
+    assert torch.equal(probs, reference)

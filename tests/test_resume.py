@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import SHORT_RUN, compose_config, run_cli
 from test_train import load_events
 
 from xray_cls.cli import fresh_dir
 from xray_cls.data import BUNDLED_NPZ, read_npz
+from xray_cls.errors import UserInputError
+from xray_cls.train import train
 
 # Long enough epochs (about 150 steps) that a signal sent after the first one lands mid-epoch;
 # augmentation and dropout make the result depend on the random generators being restored.
@@ -120,3 +122,40 @@ def test_run_folders_started_in_the_same_second_are_distinct(tmp_path: Path) -> 
     assert fresh_dir(str(base)) == f"{base}_1"
     assert fresh_dir(str(base)) == f"{base}_1"  # the same answer within one process
     assert Path(f"{base}_1").is_dir()
+
+
+def interrupted_run(run_dir: Path) -> Path:
+    """A short run's folder without its metrics.json, as if it had been stopped: returns its last.ckpt."""
+    train(compose_config(run_dir, [*SHORT_RESUMABLE]))
+    (run_dir / "metrics.json").unlink()
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+SHORT_RESUMABLE = ["model=mlp", *SHORT_RUN, "gradcam_samples=0", "bootstrap.resamples=10"]
+
+
+def test_resume_refuses_a_crafted_network_and_writes_nothing(tmp_path: Path) -> None:
+    from test_checkpoint import writes  # a payload that writes its marker file when instantiated
+
+    last = interrupted_run(tmp_path / "run")
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["hyper_parameters"]["net"]["dropout"] = writes(tmp_path / "pwned")
+    torch.save(checkpoint, last)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(UserInputError, match="is not an xray_cls checkpoint that can be trusted: net.dropout"):
+        train(compose_config(tmp_path / "unused", [*SHORT_RESUMABLE, f"ckpt_path={last}"]))
+    assert not (tmp_path / "pwned").exists()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_resume_builds_the_optimizer_of_its_config_never_the_checkpoints(tmp_path: Path) -> None:
+    from test_checkpoint import writes
+
+    last = interrupted_run(tmp_path / "run")
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["hyper_parameters"]["optimizer"] = writes(tmp_path / "pwned")
+    checkpoint["hyper_parameters"]["scheduler"] = writes(tmp_path / "pwned")
+    torch.save(checkpoint, last)
+    metrics = train(compose_config(tmp_path / "unused", [*SHORT_RESUMABLE, f"ckpt_path={last}"]))
+    assert metrics["resumed_from"] == str(last) and (tmp_path / "run" / "metrics.json").is_file()
+    assert not (tmp_path / "pwned").exists()

@@ -152,3 +152,21 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path: Path, capsys
         report.main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"error: {tmp_path} holds no runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,direction", [
+    ([], "maximize"),  # optuna's own default: auroc/val, max
+    (["checkpoint.monitor=loss/val", "checkpoint.mode=min"], "minimize"),
+    (["checkpoint.monitor=acc/val", "checkpoint.mode=max"], "maximize"),
+])
+def test_optuna_direction_follows_checkpoint_mode(overrides: list[str], direction: str, tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ["hparams_search=optuna", *overrides], hydra_cfg=True)
+    assert cfg.hydra.sweeper.direction == direction
+
+
+def test_an_unknown_checkpoint_mode_is_named(tmp_path: Path) -> None:
+    from omegaconf.errors import InterpolationResolutionError
+
+    cfg = compose_config(tmp_path, ["hparams_search=optuna", "checkpoint.mode=best"], hydra_cfg=True)
+    with pytest.raises(InterpolationResolutionError, match="checkpoint.mode='best' is not valid; expected min or max"):
+        cfg.hydra.sweeper.direction

@@ -177,3 +177,42 @@ def test_precision_auto_is_full_precision_without_a_gpu(precision: str, accelera
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: auto resolves to mixed precision here")
     assert supported_precision(OmegaConf.create({"precision": precision, "accelerator": accelerator})) == expected
+
+
+def test_a_local_folder_run_shows_no_library_noise(kermany_root: Path, tmp_path: Path) -> None:
+    """On a machine with SLURM installed (a fake `srun` on PATH), outside a SLURM job, with the
+    progress bar on and warnings shown: no `srun` hint, no torchmetrics warning from a one-class
+    sanity check, no `v_num` in the bar."""
+    import os
+    import subprocess
+    import sys
+
+    from hydra.utils import instantiate
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS" and not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    data = ["data=folder", f"data.root={kermany_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=4",
+            "data.val_fraction=0.4"]
+
+    # The conditions are real: Lightning does warn about this srun, and the sanity check's two val
+    # batches hold NORMAL images only.
+    plain = subprocess.run([sys.executable, "-c", "import lightning; lightning.Trainer(accelerator='cpu', logger=False)"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert "`srun` command is available" in plain.stderr
+    datamodule = instantiate(compose_config(tmp_path, data).data, seed=42)
+    datamodule.setup("fit")
+    assert datamodule.splits["val"].labels[:8].sum() == 0
+
+    args = [*data, "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "gradcam_samples=0",
+            "bootstrap.resamples=10", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "-m", "xray_cls", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = result.stdout + result.stderr
+    assert "Epoch 0" in console  # the progress bar was drawn
+    for noise in ("srun", "No positive samples", "v_num"):
+        assert noise not in console

@@ -1,8 +1,11 @@
 """Reading a run's checkpoint safely and rebuilding the trained classifier from it.
 
 A checkpoint is loaded with `weights_only=True`: tensors and plain containers only, never
-arbitrary pickled code. The network it names is built only if it is one of `xray_cls.networks`,
-so a foreign `_target_` cannot make the loader run anything else.
+arbitrary pickled code. Nothing in it is instantiated: its network must be one of
+`xray_cls.networks.NETWORKS`, named exactly, with arguments that are plain numbers, strings,
+booleans, None or lists of those, and it is built by calling that class (`build_network`), never
+through Hydra's recursive instantiate. The optimizer and scheduler configs it holds are never
+read: evaluation does not need them, and a resumed run builds its own from its config.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from xray_cls.errors import UserInputError
 if TYPE_CHECKING:
     from xray_cls.classifier import XrayClassifier
 
-NETWORKS_MODULE = "xray_cls.networks."
 EXPECTED = "a .ckpt file written by an xray_cls run (outputs/<run>/checkpoints/best.ckpt or last.ckpt)"
 
 
@@ -38,15 +40,59 @@ def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict[str, Any]:
             f"{option}={path} is not a readable checkpoint ({reason[:200]}); expected {EXPECTED}"
         ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    net = hparams.get("net") if isinstance(hparams, dict) else None
-    target = net.get("_target_", "") if isinstance(net, dict) else ""
-    if "state_dict" not in checkpoint or not isinstance(target, str) or not target.startswith(NETWORKS_MODULE):
+    if "state_dict" not in checkpoint or not isinstance(hparams, dict) or not isinstance(hparams.get("net"), dict):
         raise UserInputError(f"{option}={path} is a PyTorch file but not an xray_cls checkpoint; expected {EXPECTED}")
     if not isinstance(hparams.get("preprocessing"), dict):
         raise UserInputError(
             f"{option}={path} was written by an older xray_cls without its preprocessing; retrain it to use it here"
         )
+    problem = untrusted_part(hparams)
+    if problem:
+        raise UserInputError(f"{option}={path} is not an xray_cls checkpoint that can be trusted: {problem}; expected {EXPECTED}")
     return checkpoint
+
+
+def untrusted_part(hparams: dict[str, Any]) -> str | None:
+    """What, in the hyper-parameters a checkpoint rebuilds its model from, is more than the exact
+    name of one of our networks and plain values; None when nothing is."""
+    from xray_cls.networks import NETWORKS
+
+    net = dict(hparams["net"])
+    target = net.pop("_target_", None)
+    if target not in NETWORKS:
+        return f"net._target_={str(target)[:100]!r} is not one of {', '.join(NETWORKS)}"
+    for key, value in net.items():
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            return f"net has the key {str(key)[:100]!r}, which is not a network argument"
+        if not _is_plain(value, lists=True):
+            return f"net.{key} is {_kind(value)}, not a number, string, boolean, None or a list of those"
+    if type(hparams.get("threshold", 0.5)) not in (int, float):
+        return f"threshold is {_kind(hparams['threshold'])}, not a number"
+    if type(hparams.get("pos_weight")) not in (int, float, type(None)):
+        return f"pos_weight is {_kind(hparams['pos_weight'])}, not a number or None"
+    for group in ("preprocessing", "threshold_rule"):
+        for key, value in (hparams.get(group) or {}).items():
+            if not _is_plain(value, lists=True):
+                return f"{group}.{key} is {_kind(value)}, not a number, string or a list of those"
+    return None
+
+
+PLAIN_TYPES = (bool, int, float, str, type(None))
+
+
+def _is_plain(value: Any, lists: bool = False) -> bool:
+    """A plain number, string, boolean or None (subclasses excluded); with `lists`, also a list of those."""
+    if lists and type(value) in (list, tuple):
+        return all(type(item) in PLAIN_TYPES for item in value)
+    return type(value) in PLAIN_TYPES
+
+
+def _kind(value: Any) -> str:
+    if type(value) in (list, tuple):
+        return f"a list holding {_kind(next(item for item in value if type(item) not in PLAIN_TYPES))}"
+    if isinstance(value, dict) and "_target_" in value:
+        return f"a config to instantiate ({str(value['_target_'])[:100]})"
+    return f"a {type(value).__name__}"
 
 
 def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
@@ -54,8 +100,10 @@ def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
     from xray_cls.classifier import XrayClassifier
 
     checkpoint = read_checkpoint(path, option)
+    hparams = checkpoint["hyper_parameters"]
+    trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule")  # never optimizer or scheduler
     try:
-        module = XrayClassifier(**checkpoint["hyper_parameters"])
+        module = XrayClassifier(**{key: hparams[key] for key in trusted if key in hparams})
         module.load_state_dict(checkpoint["state_dict"])
     except (TypeError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0]

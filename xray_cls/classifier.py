@@ -23,6 +23,7 @@ from torchmetrics.classification import (
 )
 
 from xray_cls.errors import TrainingDivergedError
+from xray_cls.networks import build_network
 
 
 class LossAccuracy(Metric):
@@ -53,7 +54,10 @@ class XrayClassifier(L.LightningModule):
     """One logit per image, PNEUMONIA being the positive class.
 
     The network, optimizer and scheduler are given as Hydra configs (`_target_` dicts) rather than
-    objects, so that a checkpoint holds plain data and rebuilds the whole model by itself.
+    objects, so that a checkpoint holds plain data and rebuilds the whole model by itself. The
+    network is built by `build_network`, which instantiates nothing inside its arguments; the
+    optimizer and scheduler only by `configure_optimizers`, when training (None: a model loaded
+    to evaluate or predict, which never trains).
     `preprocessing` (image_size, in_channels, mean, std of the train split) travels with it, so a
     trained model prepares new images as it was trained, whatever the current config says.
     """
@@ -61,7 +65,7 @@ class XrayClassifier(L.LightningModule):
     def __init__(
         self,
         net: dict[str, Any],
-        optimizer: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         threshold: float = 0.5,
         pos_weight: float | None = None,
@@ -70,7 +74,7 @@ class XrayClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its own curated hparams
-        self.net: nn.Module = instantiate(net)
+        self.net: nn.Module = build_network(net)
         # pos_weight < 1 weighs PNEUMONIA, the majority class here, down (see conf/train.yaml: loss).
         self.loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]) if pos_weight else None)
         # Epoch-level metrics are updated every step and logged once an epoch: self.log() on every
@@ -107,7 +111,7 @@ class XrayClassifier(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            return torch.cat([torch.sigmoid(self(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+            return torch.cat([torch.sigmoid(self.float32_logits(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
         finally:
             self.train(was_training)
 
@@ -118,9 +122,16 @@ class XrayClassifier(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
 
-    def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def float32_logits(self, images: Tensor) -> Tensor:
+        """Logits computed in float32 whatever the trainer's precision. Mixed precision speeds up
+        training, but the test and predictions must come out the same on any machine: a bf16 run's
+        test on a GPU and `evaluate` of its checkpoint on a CPU."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self(images.to(self.dtype)).float()
+
+    def _step(self, batch: tuple[Tensor, Tensor], float32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         images, labels = batch
-        logits = self(images)
+        logits = self.float32_logits(images) if float32 else self(images).float()
         return self.loss(logits, labels.float()), torch.sigmoid(logits), labels
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -147,12 +158,15 @@ class XrayClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         stats = self.val_stats.compute()
         self.log_dict({"loss/val": stats["loss"], "acc/val": stats["acc"]}, prog_bar=True)
-        self.log("auroc/val", self.val_auroc.compute())
+        # The sanity check's few val batches may hold one class only (folder splits are ordered by
+        # class): AUROC is undefined there and torchmetrics would warn. Its logs are dropped anyway.
+        if not self.trainer.sanity_checking:
+            self.log("auroc/val", self.val_auroc.compute())
         self.val_stats.reset()
         self.val_auroc.reset()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, probs, labels = self._step(batch)
+        loss, probs, labels = self._step(batch, float32=True)
         self.test_loss.update(loss, weight=len(labels))
         for metric in (self.test_scores, self.test_confusion, self.test_roc, self.test_pr_curve):
             metric.update(probs, labels)
@@ -178,6 +192,8 @@ class XrayClassifier(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> Any:
+        if not self.hparams.optimizer:
+            raise ValueError("this classifier was loaded to evaluate or predict, without an optimizer; it cannot train")
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
         if not self.hparams.scheduler:
             return optimizer

@@ -46,6 +46,17 @@ def fresh_dir(base: str) -> str:
 OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
 
 
+def optimization_direction(mode: str) -> str:
+    """`maximize` for checkpoint.mode=max, `minimize` for min: a sweeper optimizes what the run monitors."""
+    directions = {"max": "maximize", "min": "minimize"}
+    if mode not in directions:
+        raise UserInputError(f"checkpoint.mode={mode!r} is not valid; expected min or max")
+    return directions[mode]
+
+
+OmegaConf.register_new_resolver("direction", optimization_direction, replace=True)
+
+
 def _not_an_advert(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 
@@ -63,6 +74,27 @@ def quiet_libraries() -> None:
     # run's own checkpoints/ folder is meant to be written to again.
     warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+    # Lightning suggests `srun` on any machine that has SLURM. Outside a SLURM job that is noise; inside
+    # one (a job that forgot `srun` before a multi-process run) it may explain a hang, so it stays.
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
+
+
+def progress_bar() -> Any:
+    """Lightning's progress bar without `v_num`: every run has its own folder, and the logger's
+    version (`tensorboard`) would show as `v_num=oard`."""
+    from importlib.util import find_spec
+
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    # The bar Lightning would choose by itself: Rich where it is installed.
+    class ProgressBar(RichProgressBar if find_spec("rich") else TQDMProgressBar):  # type: ignore[misc]
+        def get_metrics(self, *args: Any) -> dict[str, Any]:
+            metrics = super().get_metrics(*args)
+            metrics.pop("v_num", None)
+            return metrics
+
+    return ProgressBar()
 
 
 def run_error(err: BaseException | None) -> RunError | None:

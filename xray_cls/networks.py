@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -121,3 +122,23 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pool(self.features(x))).squeeze(1)
+
+
+# The networks a config or a checkpoint may name, by exact `_target_`: every nn.Module defined above.
+NETWORKS: dict[str, type[nn.Module]] = {
+    f"{__name__}.{obj.__name__}": obj
+    for obj in list(globals().values())
+    if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == __name__
+}
+
+
+def build_network(cfg: Mapping[str, Any]) -> nn.Module:
+    """The network of a `{"_target_": "xray_cls.networks.CNN", **arguments}` config: the class is
+    looked up by its exact name in NETWORKS and called with the arguments as they are. Unlike
+    Hydra's recursive instantiate, nothing inside the arguments is ever built, so a config read
+    from a checkpoint cannot make this run other code."""
+    arguments = dict(cfg)
+    target = arguments.pop("_target_", None)
+    if target not in NETWORKS:
+        raise UserInputError(f"model._target_={target!r} is not a network of xray_cls; expected one of {', '.join(NETWORKS)}")
+    return NETWORKS[target](**arguments)

@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from xray_cls.cli import CONFIG_DIR, error_line, exit_on_user_error, quiet_libraries, run_error
+from xray_cls.cli import CONFIG_DIR, error_line, exit_on_user_error, progress_bar, quiet_libraries, run_error
 from xray_cls.errors import RunInterrupted, UserInputError
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.warning("no checkpoint has a %s score: testing the weights of the last step", cfg.checkpoint.monitor)
     threshold = decide_threshold(cfg, module, datamodule)
     module.set_threshold(threshold["threshold"])
-    if best_path is not None and trainer.is_global_zero:
-        record_threshold(best_path, best, threshold)  # so that predict and evaluate apply the run's threshold
+    if trainer.is_global_zero:  # so that predict and evaluate apply the run's threshold, with either checkpoint
+        if best_path is not None:
+            record_threshold(best_path, best, threshold)
+        last_path = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+        if last_path is not None and last_path != best_path and last_path.is_file():
+            record_threshold(last_path, torch.load(last_path, map_location="cpu", weights_only=True), threshold)
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = module.test_results
     metrics = {
@@ -183,6 +187,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     resumable = ResumableTraining(last_checkpoint=out_dir / "checkpoints" / "last.ckpt")
     callbacks = [checkpoint, resumable, LearningRateMonitor(logging_interval="epoch")]
     callbacks += [instantiate(c) for c in cfg.callbacks.values()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())
     trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir, precision=supported_precision(cfg.trainer)
     )
