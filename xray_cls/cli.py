@@ -59,6 +59,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.14
     # Logged values come from torchmetrics' compute(), which already reduced them across processes.
     warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
+    # On a machine with SLURM's client installed Lightning hints at srun in every run; SLURM jobs of
+    # hydra/launcher=slurm run under srun already, and a run outside SLURM does not need it.
+    warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
     # Resuming: data.EpochShuffle skips the batches a mid-epoch checkpoint has trained on, and the
     # run's own checkpoints/ folder is meant to be written to again.
     warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
