@@ -114,7 +114,7 @@ stop_daemon() {  # pid file, name
 
 stop() {
     if answers; then  # jobs still running would outlive slurmd
-        scancel --full "$(squeue -h -o %i | tr '\n' ' ')" >/dev/null 2>&1 || true
+        squeue -h -o %A | sort -u | xargs -r scancel >/dev/null 2>&1 || true
     fi
     stop_daemon "$dir/slurmd.pid" slurmd
     stop_daemon "$dir/slurmctld.pid" slurmctld
