@@ -7,13 +7,21 @@ two more things make the continuation exact:
   epoch resumed from a mid-epoch checkpoint skips the batches it already trained on.
 Ctrl+C (SIGINT) saves such a checkpoint as last.ckpt after the current batch, then stops the run;
 a run killed outright (SIGKILL, a lost node) resumes from the last.ckpt of its last whole epoch.
+Under DDP every process keeps its own generators: all of them go into the checkpoint, and each
+process gets its own back, so a DDP run resumed from an epoch-end checkpoint is exact too.
+
+A SLURM job that the scheduler restarts (preemption, `scontrol requeue`, a failed node) runs the
+same command again in the same run folder: `requeued_checkpoint` finds the run's last.ckpt there,
+so the job continues its run instead of refusing the folder.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +41,40 @@ class ResumableTraining(L.Callback):
         self.last_checkpoint = last_checkpoint
         self.stop_requested = False
         self._previous_handler: Any = None
+        self.seconds_before = 0.0  # training time of the run before this process resumed it
+        self._started: float | None = None
+
+    def train_seconds(self) -> float:
+        """Training time of the whole run: its earlier starts up to their last checkpoint, and this one."""
+        return self.seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds_before = state_dict.get("train_seconds", 0.0)
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+        checkpoint["rng_states"] = _rng_states()
+        if trainer.world_size > 1:  # every process saves together (ModelCheckpoint runs on all of them)
+            per_rank: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(per_rank, _rng_states())
+            checkpoint["rng_states_per_rank"] = per_rank
 
     def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("rng_states_per_rank") or []
+        if trainer.world_size > 1:
+            if len(per_rank) == trainer.world_size:
+                states = per_rank[trainer.global_rank]
+            else:
+                log.warning(
+                    "the checkpoint holds the random generator states of %d process(es), this run has %d: "
+                    "the resumed run will differ from an uninterrupted one", max(len(per_rank), 1), trainer.world_size,
+                )
         if states is None:
             log.warning("the checkpoint holds no random generator states: the resumed run will differ from an uninterrupted one")
             return
@@ -77,6 +112,28 @@ class ResumableTraining(L.Callback):
         self._restore_handler()
 
 
+def _rng_states() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def requeued_checkpoint(cfg: DictConfig) -> Path | None:
+    """In a SLURM job that the scheduler has restarted, the last.ckpt that an earlier start of this
+    job left in its run folder, if that run is unfinished and of the same config; otherwise None
+    (and a folder holding a finished run or another config is refused as ever)."""
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return None
+    run_dir = Path(cfg.paths.output_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file() or not (run_dir / "config.yaml").is_file() or (run_dir / "metrics.json").exists():
+        return None
+    changed = config_changes(run_dir, cfg)
+    if changed:
+        log.warning("the run folder %s holds a run of another config (%s): not resuming it", run_dir, ", ".join(changed))
+        return None
+    log.info("SLURM restarted this job (restart %s): continuing its run from %s", os.environ["SLURM_RESTART_COUNT"], last)
+    return last
+
+
 def resume_folder(ckpt_path: Path) -> Path:
     """The run folder a checkpoint belongs to, where the resumed run carries on. Refused when the
     file is not a checkpoint of ours, is not inside a run's checkpoints/ folder, or the run has
@@ -112,12 +169,18 @@ def check_same_network(ckpt_path: Path, net_cfg: dict[str, Any]) -> None:
         )
 
 
-def warn_config_changes(run_dir: Path, cfg: DictConfig) -> None:
-    """Settings that differ from the run's own config.yaml make the result differ from an uninterrupted run."""
+def config_changes(run_dir: Path, cfg: DictConfig) -> list[str]:
+    """The settings (dotted keys) in which `cfg` differs from the run's own config.yaml, apart from
+    those that do not change the result."""
     saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
     current = _flatten(OmegaConf.to_container(cfg, resolve=True))
     ignored = {"ckpt_path", "paths.output_dir", "data.cache_dir", "trainer.enable_progress_bar"}
-    changed = [k for k in sorted(saved.keys() | current.keys()) if k not in ignored and saved.get(k) != current.get(k)]
+    return [k for k in sorted(saved.keys() | current.keys()) if k not in ignored and saved.get(k) != current.get(k)]
+
+
+def warn_config_changes(run_dir: Path, cfg: DictConfig) -> None:
+    """Settings that differ from the run's own config.yaml make the result differ from an uninterrupted run."""
+    changed = config_changes(run_dir, cfg)
     if changed:
         log.warning(
             "resuming with settings that differ from %s in: %s; the result will differ from an uninterrupted run",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ SPLITS_COLUMNS = ["path", "split", "label", "patient"]  # splits.csv: which imag
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One run: fit, test the best checkpoint, write metrics.json. Returns the metrics.
 
-    With `ckpt_path` set, an interrupted run continues in its own folder from that checkpoint.
+    With `ckpt_path` set, an interrupted run continues in its own folder from that checkpoint; so
+    does the run of a SLURM job that the scheduler restarted (see resume.requeued_checkpoint).
     """
     import lightning as L
     import torch
@@ -37,10 +37,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from xray_cls.checkpoint import record_threshold
     from xray_cls.classifier import XrayClassifier
     from xray_cls.gradcam import gradcam_sample_figure
-    from xray_cls.resume import check_same_network, resume_folder, warn_config_changes
+    from xray_cls.resume import ResumableTraining, check_same_network, requeued_checkpoint, resume_folder, warn_config_changes
+    from xray_cls.slurm import slurm_job
 
     quiet_libraries()
-    resume_from = Path(cfg.ckpt_path).expanduser() if cfg.get("ckpt_path") else None
+    asked_to_resume = bool(cfg.get("ckpt_path"))
+    resume_from = Path(cfg.ckpt_path).expanduser() if asked_to_resume else requeued_checkpoint(cfg)
     out_dir = resume_folder(resume_from) if resume_from else new_run_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -52,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     net_cfg.update(in_channels=datamodule.in_channels, image_size=datamodule.image_size)
     if resume_from is not None:  # checked before anything is written to the run's folder
         check_same_network(resume_from, net_cfg)
-        if rank_zero_only.rank == 0:
+        if asked_to_resume and rank_zero_only.rank == 0:  # a requeued job logs there already
             log_to_run_folder(out_dir)
         log.info("resuming the run %s from %s", out_dir, resume_from)
         warn_config_changes(out_dir, cfg)
@@ -69,10 +71,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer = build_trainer(cfg, out_dir)
     checkpoint, logger = trainer.checkpoint_callback, trainer.logger
+    resumable = next(c for c in trainer.callbacks if isinstance(c, ResumableTraining))
 
-    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    train_seconds = time.perf_counter() - started
+    train_seconds = resumable.train_seconds()  # also the time before an interruption
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
 
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
@@ -103,6 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "train_seconds": round(train_seconds, 2),
         "resumed_from": str(resume_from) if resume_from else None,
+        "slurm": slurm_job(),
         "hparams": run_hparams(cfg, datamodule.image_size),
     }
     if trainer.is_global_zero:
@@ -172,6 +175,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from xray_cls.resume import ResumableTraining
     from xray_cls.run_report import CURVES_LAYOUT
@@ -189,8 +193,12 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     callbacks += [instantiate(c) for c in cfg.callbacks.values()]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(progress_bar())
+    # In a SLURM job, a restarted job resumes its run from last.ckpt (resume.requeued_checkpoint);
+    # Lightning's own SIGUSR1 auto-requeue, with its separate hpc_ckpt files, stays off.
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir, precision=supported_precision(cfg.trainer)
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir,
+        precision=supported_precision(cfg.trainer), plugins=plugins,
     )
     if trainer.is_global_zero:
         logger.experiment.add_custom_scalars(CURVES_LAYOUT)
