@@ -102,3 +102,26 @@ def test_export_errors_name_the_bad_input(cnn_run: Path, tmp_path: Path) -> None
     with pytest.raises(UserInputError, match="already holds an exported model"):  # nothing replaced
         export_in(out, ckpt)
     assert (out / "model.json").read_bytes() == before and not (out / "model.onnx").exists()
+
+
+def test_the_readmes_onnxruntime_example_gives_the_checkpoints_answer(
+    cnn_run: Path, tmp_path: Path, test_split, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import re
+
+    from PIL import Image
+
+    ckpt = cnn_run / "checkpoints" / "best.ckpt"
+    export_in(tmp_path, ckpt)
+    images, _ = test_split
+    Image.fromarray(images[0, 0]).save(tmp_path / "chest.png")  # lossless, at the model's size
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    code = "\n".join(line.removeprefix("  ") for line in example.splitlines()).replace("chest.jpeg", "chest.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    label, probability = capsys.readouterr().out.split()
+    expected = float(checkpoint_probabilities(ckpt, images[:1])[0])
+    assert float(probability) == pytest.approx(expected, abs=1e-4)
+    threshold = json.loads((tmp_path / "model.json").read_text())["threshold"]
+    assert label == ("PNEUMONIA" if expected > threshold else "NORMAL")

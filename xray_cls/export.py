@@ -95,7 +95,11 @@ def export(cfg: DictConfig) -> Path:
 
 
 def write_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
-    """The TorchScript-based exporter: it needs no extra package and handles these plain networks."""
+    """The TorchScript-based exporter: it needs only `onnx`, and handles these plain networks."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise UserInputError("format=onnx needs the onnx package; pip install 'xray_cls[export]' (or use format=torchscript)")
     torch.onnx.export(
         model,
         (example,),
