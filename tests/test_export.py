@@ -119,6 +119,7 @@ def test_the_readmes_onnxruntime_example_gives_the_checkpoints_answer(
     (example,) = re.findall(r"```python\n(.*?)```", readme, re.S)
     code = "\n".join(line.removeprefix("  ") for line in example.splitlines()).replace("chest.jpeg", "chest.png")
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # only the example's own output below
     exec(compile(code, "README.md", "exec"), {})
     label, probability = capsys.readouterr().out.split()
     expected = float(checkpoint_probabilities(ckpt, images[:1])[0])

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHORT_RUN, compose_config, run_cli
-from test_browser import free_port
+from conftest import SHORT_RUN, compose_config, free_port, local_server, run_cli
 from test_train import load_events
 
 from xray_cls import report
-from xray_cls.loggers import read_epoch_curves
+from xray_cls.loggers import build_loggers, read_epoch_curves
 from xray_cls.train import train
 
 CURVE_TAGS = ["loss/train", "loss/val", "acc/train", "acc/val"]
@@ -34,47 +31,18 @@ def mlflow_server(folder: Path, timeout: float = 120) -> Iterator[str]:
     yields its URL once /health answers, and stops it after."""
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'xray_cls[loggers]')")
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
     ]
-    url = f"http://127.0.0.1:{port}"
-    with (folder / "server.log").open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{(folder / 'server.log').read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"mlflow server not up after {timeout}s:\n{(folder / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
 
-def run_name(overrides: list[str]) -> str:
-    """The name a run gets in MLflow: its overrides, sorted, without the tracking URI."""
-    return ",".join(sorted(o for o in overrides if not o.startswith("logger.tracking_uri=")))
-
-
-def assert_curves_match(curves: dict[int, dict[str, float]], epochs: int, history: dict[str, list[float]]) -> None:
-    """A logger's per-epoch values (history: tag -> values in epoch order) are curves.csv's."""
-    assert sorted(curves) == list(range(1, epochs + 1))
-    for tag in CURVE_TAGS:
-        assert history[tag] == pytest.approx([curves[e][tag] for e in sorted(curves)], rel=1e-6), tag
+    with local_server(command, "mlflow server", healthy, timeout):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +114,16 @@ def test_a_sweep_is_one_mlflow_experiment_with_a_run_per_job(mlflow_url: str, tm
         assert len(load_events(sweep_dir / job).Scalars("loss/val")) == 2
         assert {tag: len(values) for tag, values in report.read_curves(sweep_dir / job).items()} == {"acc/val": 2, "loss/val": 2}
     assert (sweep_dir / "figures" / "val_loss.png").read_bytes()[:8] == PNG
+
+
+def test_a_resumed_run_continues_its_mlflow_run(mlflow_url: str, tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ["logger=mlflow", f"logger.tracking_uri={mlflow_url}"])
+    first, _ = build_loggers(cfg.logger, tmp_path)
+    resumed, _ = build_loggers(cfg.logger, tmp_path)  # the same run folder, as ckpt_path= resumes in it
+    assert resumed.run_id == first.run_id
+    (tmp_path / "another_run").mkdir()
+    other, _ = build_loggers(cfg.logger, tmp_path / "another_run")
+    assert other.run_id != first.run_id
 
 
 def test_csv_logger_through_the_cli_in_debug_fast(tmp_path: Path) -> None:

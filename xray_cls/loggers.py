@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CURVES_FILE = "curves.csv"
+RUN_IDS_FILE = "logger_runs.json"
 
 
 class EpochCurves(Logger):
@@ -77,19 +79,30 @@ def read_epoch_curves(path: Path) -> dict[int, dict[str, float]]:
 
 
 def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
-    """The configured loggers (each `_target_` entry of `logger`), then EpochCurves."""
+    """The configured loggers (each `_target_` entry of `logger`), then EpochCurves. A resumed run
+    continues its own MLflow run: the ids are kept in the run folder's logger_runs.json."""
     from hydra.utils import instantiate
 
-    loggers = []
+    known = json.loads((run_dir / RUN_IDS_FILE).read_text()) if (run_dir / RUN_IDS_FILE).is_file() else {}
+    loggers = {}
     for name, entry in (logger_cfg or {}).items():
         if isinstance(entry, DictConfig) and "_target_" in entry:
+            resume = {"run_id": known[name]} if name in known else {}
             try:
-                loggers.append(instantiate(entry))
+                loggers[name] = instantiate(entry, **resume)
             except ImportError as err:  # an optional package: say which, and how to get it
                 raise UserInputError(
                     f"logger={name} needs a package that is not installed ({err}); pip install 'xray_cls[loggers]'"
                 ) from None
-    return [*loggers, EpochCurves(run_dir)]
+    remember_runs(loggers, run_dir)
+    return [*loggers.values(), EpochCurves(run_dir)]
+
+
+@rank_zero_only
+def remember_runs(loggers: dict[str, Logger], run_dir: Path) -> None:
+    ids = {name: logger.run_id for name, logger in loggers.items() if isinstance(logger, MLFlowLogger)}
+    if ids:
+        (run_dir / RUN_IDS_FILE).write_text(json.dumps(ids, indent=2) + "\n")
 
 
 def log_figures(loggers: list[Logger], figures: dict[str, Figure], step: int) -> None:
