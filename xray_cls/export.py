@@ -13,7 +13,6 @@ resized; "stretch": the whole picture resized), threshold (PNEUMONIA above it) a
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -26,8 +25,6 @@ from torch import Tensor, nn
 
 from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
 from xray_cls.errors import UserInputError
-
-log = logging.getLogger(__name__)
 
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 SIDECAR = "model.json"

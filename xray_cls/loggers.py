@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,15 +24,13 @@ from xray_cls.errors import UserInputError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-log = logging.getLogger(__name__)
-
 CURVES_FILE = "curves.csv"
 RUN_IDS_FILE = "logger_runs.json"
 
 
 class EpochCurves(Logger):
-    """`curves.csv` in the run folder: one row per epoch, one column per train/val metric and
-    learning rate. A resumed run rewrites the epochs it trains again and keeps the earlier ones."""
+    """`curves.csv` in the run folder: one row per epoch (from 1), one column per train/val metric
+    (loss/train, acc/train, loss/val, acc/val, auroc/val). A resumed run rewrites the epochs it trains again and keeps the earlier ones."""
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()

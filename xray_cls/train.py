@@ -41,7 +41,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     quiet_libraries()
     resume_from = Path(cfg.ckpt_path).expanduser() if cfg.get("ckpt_path") else None
-    out_dir = resume_folder(resume_from) if resume_from else new_run_folder(cfg)
+    if resume_from is not None:  # the run carries on in its own folder: checkpoints, loggers, curves.csv
+        out_dir = resume_folder(resume_from)
+        cfg.paths.output_dir = str(out_dir)
+    else:
+        out_dir = new_run_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, seed=cfg.seed)
