@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,18 @@ def mlflow_server(folder: Path, timeout: float = 120) -> Iterator[str]:
 
     with local_server(command, "mlflow server", healthy, timeout):
         yield url
+
+
+def run_name(overrides: list[str]) -> str:
+    """The name a run gets in MLflow: its overrides, sorted, without the tracking URI."""
+    return ",".join(sorted(o for o in overrides if not o.startswith("logger.tracking_uri=")))
+
+
+def assert_curves_match(curves: dict[int, dict[str, float]], epochs: int, history: dict[str, list[float]]) -> None:
+    """A logger's per-epoch values (history: tag -> values in epoch order) are curves.csv's."""
+    assert sorted(curves) == list(range(1, epochs + 1))
+    for tag in CURVE_TAGS:
+        assert history[tag] == pytest.approx([curves[e][tag] for e in sorted(curves)], rel=1e-6), tag
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +179,10 @@ def test_wandb_offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
     train(compose_config(tmp_path, ["logger=wandb", "model=mlp", *SHORT_RUN]))
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    # wandb's service process writes the log after run.finish() returns; its own log says when done.
+    internal_log, deadline = run_dir / "logs" / "debug-internal.log", time.monotonic() + 60
+    while "stream: all finished" not in internal_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     (log,) = run_dir.glob("run-*.wandb")
     recorded = log.read_bytes()
     for name in [*CURVE_TAGS, "test/accuracy", "test/auroc", "batch_size", "threshold_rule"]:
