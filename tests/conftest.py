@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +20,10 @@ from PIL import Image
 
 from xray_cls.train import CONFIG_DIR
 
-# A run that touches every stage (fit, val, test on the full test split) in a few seconds.
-SHORT_RUN = [
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.log_every_n_steps=1",
-]
+# A run that touches every stage (fit, val, test on the full test split) in a few seconds: the
+# users' debug=fast (3 train and 2 val batches, no bootstrap), with a second epoch so that every
+# curve has two points.
+SHORT_RUN = ["debug=fast", "trainer.max_epochs=2"]
 
 # (split, class folder as written, number of images); class folders in mixed case on purpose.
 FOLDER_LAYOUT = [
@@ -124,6 +125,46 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "xra
         text=True,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def local_server(command: list[str], name: str, ready: Callable[[], bool], timeout: float) -> Iterator[None]:
+    """Run `command`, a server on 127.0.0.1, until the block ends; enter once ready() holds (an
+    OSError meaning "not listening yet"). Its output is in the error when it exits or is never ready."""
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+        def output() -> str:
+            log.seek(0)
+            return log.read()[-3000:]
+
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {process.returncode}:\n{output()}")
+                try:
+                    if ready():
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} was not ready after {timeout}s:\n{output()}")
+                time.sleep(0.2)
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture(scope="session")

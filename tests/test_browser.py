@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import free_port, local_server
 from PIL import Image
 
 CURVE_TAGS = ["loss/train", "loss/val", "acc/train", "acc/val"]
@@ -50,12 +50,6 @@ SKIP_NO_CHROMIUM = "Chromium not found (/usr/bin/chromium); .ci/run installs Deb
 
 def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 10) -> Any:
@@ -85,33 +79,9 @@ def tensorboard(logdir: Path, timeout: float = 60) -> Iterator[str]:
     expected = event_runs(logdir)
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
                "--port", str(port)]
-    with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline, runs = time.monotonic() + timeout, None
-            while True:
-                if process.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"tensorboard exited with {process.returncode}:\n{log.read()[-3000:]}")
-                try:
-                    runs = get_json(f"{url}/data/runs", timeout=5)
-                    if expected <= set(runs):
-                        break
-                except OSError:
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    log.seek(0)
-                    raise TimeoutError(f"tensorboard listed runs {runs} after {timeout}s, not {expected}:\n"
-                                       f"{log.read()[-3000:]}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with local_server(command, f"tensorboard listing the runs {expected}",
+                      lambda: expected <= set(get_json(f"{url}/data/runs", timeout=5)), timeout):
+        yield url
 
 
 def screenshot(url: str, png: Path, size: tuple[int, int] = WINDOW, timeout: float = 90) -> None:

@@ -19,6 +19,7 @@ from test_train import load_events
 from xray_cls.cli import fresh_dir
 from xray_cls.data import BUNDLED_NPZ, read_npz
 from xray_cls.errors import UserInputError
+from xray_cls.loggers import read_epoch_curves
 from xray_cls.train import train
 
 # Long enough epochs (about 150 steps) that a signal sent after the first one lands mid-epoch;
@@ -45,11 +46,16 @@ def wait_for_first_epoch(process: subprocess.Popen, run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("uninterrupted")
     result = run_cli([*RUN, f"hydra.run.dir={cwd / 'run'}"], cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads((cwd / "run" / "metrics.json").read_text())
+    return cwd / "run"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run: Path) -> dict:
+    return json.loads((uninterrupted_run / "metrics.json").read_text())
 
 
 def assert_same_result(resumed: dict, uninterrupted: dict) -> None:
@@ -59,7 +65,7 @@ def assert_same_result(resumed: dict, uninterrupted: dict) -> None:
     assert resumed["epochs"] == uninterrupted["epochs"]
 
 
-def test_ctrl_c_checkpoints_mid_epoch_and_resumes_exactly(uninterrupted: dict, tmp_path: Path) -> None:
+def test_ctrl_c_checkpoints_mid_epoch_and_resumes_exactly(uninterrupted: dict, uninterrupted_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     process = start_run(run_dir, tmp_path)
     wait_for_first_epoch(process, run_dir)
@@ -82,6 +88,15 @@ def test_ctrl_c_checkpoints_mid_epoch_and_resumes_exactly(uninterrupted: dict, t
     # One curve per metric in the run's own TensorBoard folder, one point per epoch, no repeats.
     steps = [event.step for event in load_events(run_dir).Scalars("loss/val")]
     assert len(steps) == len(set(steps)) == uninterrupted["epochs"]
+    # curves.csv, which the sweep report reads, is the uninterrupted run's, epoch for epoch; only the
+    # train loss and accuracy of the interrupted epoch cover just the batches trained after the resume.
+    resumed_curves = read_epoch_curves(run_dir / "curves.csv")
+    expected = read_epoch_curves(uninterrupted_run / "curves.csv")
+    interrupted_epoch = checkpoint["global_step"] // steps_per_epoch + 1
+    assert sorted(resumed_curves) == sorted(expected) == list(range(1, uninterrupted["epochs"] + 1))
+    for epoch, row in expected.items():
+        same = row if epoch != interrupted_epoch else {k: v for k, v in row.items() if k.endswith("/val")}
+        assert {k: resumed_curves[epoch][k] for k in same} == same, epoch
 
 
 def test_killed_run_resumes_from_its_last_epoch(uninterrupted: dict, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def assert_confusion_matrix_adds_up(metrics: dict[str, Any], n_test: int, n_posi
 
 def test_default_run_through_the_cli(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli([*SHORT_RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    result = run_cli([*SHORT_RUN, "bootstrap.resamples=200", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Test results: 624 images" in result.stdout
     assert "total params" in result.stdout + result.stderr

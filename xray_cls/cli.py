@@ -57,6 +57,29 @@ def optimization_direction(mode: str) -> str:
 OmegaConf.register_new_resolver("direction", optimization_direction, replace=True)
 
 
+def run_name() -> str:
+    """The run's overrides (`model=mlp,optimizer.lr=0.01`): its name in MLflow and W&B."""
+    from hydra.core.hydra_config import HydraConfig
+
+    name = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return name or "defaults"
+
+
+def sweep_name(default: str | None) -> str | None:
+    """"xray_cls sweep <sweep folder>" in a multirun (the MLflow experiment and W&B group of its
+    runs), `default` otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"xray_cls sweep {HydraConfig.get().sweep.dir}"
+    return default
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("sweep_name", sweep_name, replace=True)
+
+
 def _not_an_advert(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 

@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
-    from torch.utils.tensorboard import SummaryWriter
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from xray_cls import run_report
     from xray_cls.checkpoint import load_classifier
     from xray_cls.data import trained_geometry
     from xray_cls.gradcam import gradcam_sample_figure
+    from xray_cls.loggers import log_figures
 
     quiet_libraries()
     require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
@@ -72,8 +73,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.gradcam_samples > 0 and cfg.split == "test":
         figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
     out_dir.mkdir(parents=True, exist_ok=True)
-    with SummaryWriter(str(out_dir / "tensorboard")) as writer:
-        run_report.save_figures(figures, out_dir / "figures", writer, step=0)
+    run_report.save_figures(figures, out_dir / "figures")
+    tensorboard = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")
+    log_figures([tensorboard], figures, step=0)
+    tensorboard.finalize("success")
     run_report.write_json(out_dir / "metrics.json", metrics)
     print(run_report.format_test_table(metrics, title=f"{cfg.split.capitalize()} results of {cfg.ckpt}"), flush=True)
     log.info("evaluation folder: %s", out_dir)

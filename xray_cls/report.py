@@ -1,7 +1,7 @@
 """The report of a sweep: `python -m xray_cls.report SWEEP_DIR`, also written at the end of every multirun.
 
-It reads only what the runs wrote (`.hydra/overrides.yaml`, `metrics.json` or `failed.json`, the
-TensorBoard event files), so a copied sweep folder can be reported again, and writes `report.md`,
+It reads only what the runs wrote (`.hydra/overrides.yaml`, `metrics.json` or `failed.json`,
+`curves.csv`), whichever logger they used, so a copied sweep folder can be reported again, and writes `report.md`,
 `summary.csv` and `figures/` into the sweep folder. The same runs give the same files.
 """
 
@@ -75,16 +75,13 @@ def find_run_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def read_curves(run_dir: Path, tags: tuple[str, ...] = ("acc/val", "loss/val")) -> dict[str, list[float]]:
-    """Per-epoch values of `tags` from the run's TensorBoard event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Per-epoch values of `tags` from the run's curves.csv, written whichever logger ran."""
+    from xray_cls.loggers import CURVES_FILE, read_epoch_curves
 
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader logs every file it opens
-    event_dir = run_dir / "tensorboard"
-    if not event_dir.is_dir():
+    if not (run_dir / CURVES_FILE).is_file():
         return {}
-    events = EventAccumulator(str(event_dir), size_guidance={"scalars": 0}).Reload()
-    present = set(events.Tags()["scalars"])
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in tags if tag in present}
+    rows = [row for _, row in sorted(read_epoch_curves(run_dir / CURVES_FILE).items())]
+    return {tag: [row[tag] for row in rows if tag in row] for tag in tags if any(tag in row for row in rows)}
 
 
 def read_run(run_dir: Path) -> Run:

@@ -1,4 +1,4 @@
-"""What a finished run leaves behind: metrics.json, figures (PNG and TensorBoard) and a console table."""
+"""What a finished run leaves behind: metrics.json, figures and a console table."""
 
 from __future__ import annotations
 
@@ -130,12 +130,15 @@ def bootstrap_intervals(
 def evaluation_metrics(
     results: dict[str, Any], threshold: dict[str, Any], resamples: int, confidence: float, seed: int
 ) -> dict[str, Any]:
-    """The test part of metrics.json (a run's and `evaluate`'s): matrix, scores and their intervals."""
+    """The test part of metrics.json (a run's and `evaluate`'s): matrix, scores and their intervals
+    (none with resamples=0, as debug=fast sets)."""
     from xray_cls.data import CLASS_NAMES
+    from xray_cls.errors import UserInputError
 
+    if not isinstance(resamples, int) or resamples < 0:
+        raise UserInputError(f"bootstrap.resamples={resamples!r} is not valid; expected 0 (no intervals) or a positive integer")
     matrix = results["confusion_matrix"]
-    intervals = bootstrap_intervals(results["probs"], results["labels"], threshold["threshold"], resamples, confidence, seed)
-    return {
+    metrics = {
         "class_names": list(CLASS_NAMES),
         "positive_class": CLASS_NAMES[1],
         "threshold": threshold["threshold"],
@@ -143,8 +146,11 @@ def evaluation_metrics(
         "n_test": sum(map(sum, matrix)),
         "confusion_matrix": {"rows": "true class", "columns": "predicted class", "matrix": matrix, **confusion_cells(matrix)},
         "test": results["scores"],
-        "test_ci": {"confidence": confidence, "resamples": resamples, **intervals},
     }
+    if resamples:
+        intervals = bootstrap_intervals(results["probs"], results["labels"], threshold["threshold"], resamples, confidence, seed)
+        metrics["test_ci"] = {"confidence": confidence, "resamples": resamples, **intervals}
+    return metrics
 
 
 def confusion_cells(matrix: list[list[int]]) -> dict[str, int]:
@@ -203,13 +209,11 @@ def make_test_figures(results: dict[str, Any], class_names: list[str]) -> dict[s
     }
 
 
-def save_figures(figures: dict[str, Figure], folder: Path, writer: Any, step: int) -> None:
-    """Each figure as folder/<name>.png and as the TensorBoard image test/<name>."""
+def save_figures(figures: dict[str, Figure], folder: Path) -> None:
+    """Each figure as folder/<name>.png (the loggers get them through `xray_cls.loggers.log_figures`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, fig in figures.items():
         fig.savefig(folder / f"{name}.png", dpi=120)
-        writer.add_figure(f"test/{name}", fig, global_step=step, close=False)
-    writer.flush()
 
 
 def format_test_table(metrics: dict[str, Any], title: str = "Test results") -> str:

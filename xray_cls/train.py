@@ -1,7 +1,8 @@
 """`python -m xray_cls`: compose the config, train, test the best checkpoint, write the run's report.
 
 Everything a run writes goes under its Hydra output folder (`outputs/<date>/<time>/` by default):
-config.yaml, checkpoints/, tensorboard/, figures/, metrics.json and the log.
+config.yaml, checkpoints/, curves.csv, figures/, metrics.json, the log, and each logger's
+files (tensorboard/ by default; csv/, wandb/ with logger=csv or wandb).
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from xray_cls.checkpoint import record_threshold
     from xray_cls.classifier import XrayClassifier
     from xray_cls.gradcam import gradcam_sample_figure
+    from xray_cls.loggers import log_params
     from xray_cls.resume import ResumableTraining, check_same_network, requeued_checkpoint, resume_folder, warn_config_changes
     from xray_cls.slurm import slurm_job
 
     quiet_libraries()
     asked_to_resume = bool(cfg.get("ckpt_path"))
     resume_from = Path(cfg.ckpt_path).expanduser() if asked_to_resume else requeued_checkpoint(cfg)
-    out_dir = resume_folder(resume_from) if resume_from else new_run_folder(cfg)
+    if resume_from is not None:  # the run carries on in its own folder: checkpoints, loggers, curves.csv
+        out_dir = resume_folder(resume_from)
+        cfg.paths.output_dir = str(out_dir)
+    else:
+        out_dir = new_run_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, seed=cfg.seed)
@@ -70,8 +76,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("network:\n%s", run_report.network_summary(module.net, input_shape))
 
     trainer = build_trainer(cfg, out_dir)
-    checkpoint, logger = trainer.checkpoint_callback, trainer.logger
+    checkpoint = trainer.checkpoint_callback
     resumable = next(c for c in trainer.callbacks if isinstance(c, ResumableTraining))
+    hparams = run_hparams(cfg, datamodule.image_size)
+    log_params(trainer.loggers, hparams)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     train_seconds = resumable.train_seconds()  # also the time before an interruption
@@ -106,13 +114,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2),
         "resumed_from": str(resume_from) if resume_from else None,
         "slurm": slurm_job(),
-        "hparams": run_hparams(cfg, datamodule.image_size),
+        "hparams": hparams,
     }
     if trainer.is_global_zero:
         figures = run_report.make_test_figures(results, metrics["class_names"])
         if cfg.gradcam_samples > 0:
             figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
-        write_run_report(metrics, figures, logger, out_dir, trainer.global_step)
+        write_run_report(metrics, figures, trainer.loggers, out_dir, trainer.global_step)
     return metrics
 
 
@@ -171,37 +179,40 @@ def positive_class_weight(setting: float | str | None, class_counts: list[int]) 
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
-    """The configured Trainer, logging to out_dir/tensorboard and checkpointing to out_dir/checkpoints."""
+    """The configured Trainer with the `logger` and `callbacks` configs; checkpoints go to
+    out_dir/checkpoints (callbacks.model_checkpoint), which resuming and testing rely on."""
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    from xray_cls.loggers import build_loggers
     from xray_cls.resume import ResumableTraining
     from xray_cls.run_report import CURVES_LAYOUT
 
-    logger = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard", default_hp_metric=False)
-    checkpoint = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints",
-        filename="best",
-        monitor=cfg.checkpoint.monitor,
-        mode=cfg.checkpoint.mode,
-        save_last=True,
-    )
-    resumable = ResumableTraining(last_checkpoint=out_dir / "checkpoints" / "last.ckpt")
-    callbacks = [checkpoint, resumable, LearningRateMonitor(logging_interval="epoch")]
-    callbacks += [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    expected = out_dir / "checkpoints"
+    if len(checkpoints) != 1 or Path(checkpoints[0].dirpath).resolve() != expected.resolve():
+        raise UserInputError(
+            f"callbacks: a run needs exactly one ModelCheckpoint writing to {expected} (callbacks.model_checkpoint, "
+            "part of callbacks=default); add callbacks with callbacks=[default,early_stopping]"
+        )
+    callbacks.append(ResumableTraining(last_checkpoint=expected / "last.ckpt"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(progress_bar())
     # In a SLURM job, a restarted job resumes its run from last.ckpt (resume.requeued_checkpoint);
     # Lightning's own SIGUSR1 auto-requeue, with its separate hpc_ckpt files, stays off.
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+    loggers = build_loggers(cfg.get("logger"), out_dir)
     trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=out_dir,
+        cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=out_dir,
         precision=supported_precision(cfg.trainer), plugins=plugins,
     )
     if trainer.is_global_zero:
-        logger.experiment.add_custom_scalars(CURVES_LAYOUT)
+        for logger in loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(CURVES_LAYOUT)
     return trainer
 
 
@@ -238,14 +249,13 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
     }
 
 
-def write_run_report(metrics: dict[str, Any], figures: dict[str, Any], logger: Any, out_dir: Path, step: int) -> None:
+def write_run_report(metrics: dict[str, Any], figures: dict[str, Any], loggers: list[Any], out_dir: Path, step: int) -> None:
     from xray_cls import run_report
+    from xray_cls.loggers import log_figures, log_results
 
-    run_report.save_figures(figures, out_dir / "figures", logger.experiment, step)
-    hp_metrics = {f"hparams/test_{k}": v for k, v in metrics["test"].items()}
-    hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics["last_epoch"].items() if k.endswith("/val")})
-    logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
-    logger.finalize("success")
+    run_report.save_figures(figures, out_dir / "figures")
+    log_figures(loggers, figures, step)
+    log_results(loggers, metrics)
     run_report.write_json(out_dir / "metrics.json", metrics)
     print(run_report.format_test_table(metrics), flush=True)
     log.info("run folder: %s", out_dir)

@@ -1,0 +1,118 @@
+"""`python -m xray_cls.export ckpt=... [format=onnx|torchscript]`: a trained model that runs without xray_cls.
+
+Writes model.onnx (ONNX, for onnxruntime and other runtimes) or model.pt (TorchScript, for
+`torch.jit.load`) and model.json beside it, to its output folder (`outputs/export/<date>/<time>/`).
+
+The model takes a batch of images as uint8 pixel values 0-255, shape (N, in_channels, size, size),
+and returns the probability of PNEUMONIA, float32 of shape (N,). The checkpoint's normalization
+is inside the model. model.json says how to get there from a picture and what to do with the
+answer: image_size, in_channels, geometry ("crop": the centred square of the short side, then
+resized; "stretch": the whole picture resized), threshold (PNEUMONIA above it) and class_names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
+from xray_cls.errors import UserInputError
+
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+SIDECAR = "model.json"
+INPUT_NAME, OUTPUT_NAME = "images", "probability"
+
+
+class ProbabilityModel(nn.Module):
+    """uint8 images (N, C, H, W) -> probability of PNEUMONIA (N,), normalizing as the run trained."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = (images.float() / 255 - self.mean) / self.std  # as xray_cls.data.normalize
+        return torch.sigmoid(self.net(x))
+
+
+def export(cfg: DictConfig) -> Path:
+    """Export `cfg.ckpt` as `cfg.format`; returns the model file's path."""
+    from xray_cls.checkpoint import load_classifier, network_name
+
+    quiet_libraries()
+    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
+    if cfg.format not in MODEL_FILES:
+        raise UserInputError(f"format={cfg.format!r} is not known; expected one of {', '.join(MODEL_FILES)}")
+    out_dir = Path(cfg.paths.output_dir)
+    refuse_existing(out_dir / SIDECAR, "an exported model", "paths.output_dir")
+    module = load_classifier(cfg.ckpt)
+    prep = module.hparams.preprocessing
+    model = ProbabilityModel(module.net, prep["mean"], prep["std"]).eval()
+    example = torch.zeros(2, prep["in_channels"], prep["image_size"], prep["image_size"], dtype=torch.uint8)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / MODEL_FILES[cfg.format]
+    tmp = model_path.with_name(f".{model_path.name}.tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' notes on tracing and their own deprecations
+        if cfg.format == "onnx":
+            write_onnx(model, example, tmp, cfg.opset)
+        else:
+            torch.jit.save(torch.jit.trace(model, example), str(tmp))
+    os.replace(tmp, model_path)
+    sidecar = {
+        "model": model_path.name,
+        "format": cfg.format,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "range": [0, 255],
+                  "shape": ["batch", prep["in_channels"], prep["image_size"], prep["image_size"]]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"], "meaning": f"probability of {prep['class_names'][1]}"},
+        "image_size": prep["image_size"],
+        "in_channels": prep["in_channels"],
+        "geometry": prep.get("geometry", "crop"),
+        "threshold": module.hparams.threshold,
+        "threshold_rule": module.hparams.threshold_rule,
+        "class_names": list(prep["class_names"]),
+        "normalization": {"mean": prep["mean"], "std": prep["std"], "note": "applied inside the model"},
+        "network": network_name(module.hparams.net),
+        "checkpoint": str(cfg.ckpt),
+    }
+    (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    print(f"exported {cfg.ckpt} as {cfg.format}: {model_path} (with {SIDECAR})", flush=True)
+    return model_path
+
+
+def write_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
+    """The TorchScript-based exporter: it needs only `onnx`, and handles these plain networks."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise UserInputError("format=onnx needs the onnx package; pip install 'xray_cls[export]' (or use format=torchscript)")
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=opset,
+    )
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+def main(cfg: DictConfig) -> Any:
+    return exit_on_user_error(lambda: export(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The run's experiment loggers (`logger=` configs) and what each of them receives beyond Lightning's
+own logging: the run's hparams with its results, and the test figures.
+
+Lightning sends every logger the per-epoch curves and the test metrics. Figures and the HParams
+differ by logger; `log_figures` and `log_results` are the one place that knows how. Whatever the
+loggers, every run also writes `curves.csv` (`EpochCurves`): the sweep report reads that file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from xray_cls.errors import UserInputError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+CURVES_FILE = "curves.csv"
+RUN_IDS_FILE = "logger_runs.json"
+
+
+class EpochCurves(Logger):
+    """`curves.csv` in the run folder: one row per epoch (from 1), one column per train/val metric
+    (loss/train, acc/train, loss/val, acc/val, auroc/val). A resumed run rewrites the epochs it trains again and keeps the earlier ones."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.path = Path(run_dir) / CURVES_FILE
+        self.rows: dict[int, dict[str, float]] = read_epoch_curves(self.path) if self.path.is_file() else {}
+
+    @property
+    def name(self) -> str:
+        return "curves"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the run's config.yaml and metrics.json hold them
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "epoch" not in metrics:
+            return
+        values = {k: float(v) for k, v in metrics.items() if k != "epoch" and "test" not in k}
+        if values:
+            self.rows.setdefault(int(metrics["epoch"]) + 1, {}).update(values)
+            self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        columns = sorted({k for row in self.rows.values() for k in row})
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", *columns])
+            writer.writeheader()
+            writer.writerows({"epoch": epoch, **row} for epoch, row in sorted(self.rows.items()))
+        os.replace(tmp, self.path)
+
+
+def read_epoch_curves(path: Path) -> dict[int, dict[str, float]]:
+    """curves.csv as {epoch (from 1): {metric: value}}, empty cells left out."""
+    with path.open(newline="") as f:
+        return {int(r.pop("epoch")): {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)}
+
+
+def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
+    """The configured loggers (each `_target_` entry of `logger`), then EpochCurves. A resumed run
+    continues its own MLflow run: the ids are kept in the run folder's logger_runs.json."""
+    from hydra.utils import instantiate
+
+    known = json.loads((run_dir / RUN_IDS_FILE).read_text()) if (run_dir / RUN_IDS_FILE).is_file() else {}
+    loggers = {}
+    for name, entry in (logger_cfg or {}).items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            resume = {"run_id": known[name]} if name in known else {}
+            try:
+                loggers[name] = instantiate(entry, **resume)
+            except ImportError as err:  # an optional package: say which, and how to get it
+                raise UserInputError(
+                    f"logger={name} needs a package that is not installed ({err}); pip install 'xray_cls[loggers]'"
+                ) from None
+    remember_runs(loggers, run_dir)
+    return [*loggers.values(), EpochCurves(run_dir)]
+
+
+@rank_zero_only
+def remember_runs(loggers: dict[str, Logger], run_dir: Path) -> None:
+    ids = {name: logger.run_id for name, logger in loggers.items() if isinstance(logger, MLFlowLogger)}
+    if ids:
+        (run_dir / RUN_IDS_FILE).write_text(json.dumps(ids, indent=2) + "\n")
+
+
+def log_figures(loggers: list[Logger], figures: dict[str, Figure], step: int) -> None:
+    """Each figure as `test/<name>` in every logger: a TensorBoard image, an MLflow artifact
+    (figures/<name>.png), a W&B image, a PNG beside the CSV logger's metrics.csv."""
+    for logger in loggers:
+        for name, fig in figures.items():
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(f"test/{name}", fig, global_step=step, close=False)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_figure(logger.run_id, fig, f"figures/{name}.png")
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(f"test/{name}", [figure_pixels(fig)], step=step)
+            elif isinstance(logger, CSVLogger):
+                Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
+                fig.savefig(Path(logger.log_dir) / f"{name}.png", dpi=120)
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.flush()
+
+
+def figure_pixels(fig: Figure) -> Any:
+    """The figure as an RGB array, as W&B takes images."""
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def log_params(loggers: list[Logger], hparams: dict[str, Any]) -> None:
+    """The settings a study compares runs by, at the start of the run (MLflow params, W&B config,
+    the CSV logger's hparams.yaml). TensorBoard gets them at the end, with the results."""
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams)
+
+
+def log_results(loggers: list[Logger], metrics: dict[str, Any]) -> None:
+    """At the end of the run: TensorBoard's HParams entry (the settings with the test and last val
+    metrics), then every logger is closed. The other loggers already have the test metrics."""
+    hp_metrics = {f"hparams/test_{k}": v for k, v in metrics["test"].items()}
+    hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics["last_epoch"].items() if k.endswith("/val")})
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # else the next run of a sweep (same process) would reuse it
