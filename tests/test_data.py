@@ -486,7 +486,7 @@ def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(paths, size, geometry):  # noqa: ANN001, ANN202
         raise AssertionError(f"decoded {len(paths)} images although the cache holds them")
 
-    monkeypatch.setattr("xray_cls.data.decode_images", fail)
+    monkeypatch.setattr("xray_cls.data.folder.decode_images", fail)
 
 
 def test_second_run_reads_the_cache(folder_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,79 @@
+"""Train-time augmentation: Keras-style random contrast, translation and zoom, drawn per image and
+applied to whole batches on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xray_cls.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Factors with the meaning of Keras' RandomContrast, RandomTranslation and RandomZoom.
+
+    contrast f: contrast scaled by a factor in [1-f, 1+f] around each image's mean.
+    translate f: shifted by up to f of the image size, independently along each axis.
+    zoom f: zoomed by a factor in [1-f, 1+f] (above 1 zooms out), aspect ratio kept.
+    """
+
+    contrast: float = 0.0
+    translate: float = 0.0
+    zoom: float = 0.0
+
+
+AUGMENT_PRESETS = {
+    "none": Augment(),
+    "mild": Augment(contrast=0.1, translate=0.12, zoom=0.13),
+    "strong": Augment(contrast=0.2, translate=0.23, zoom=0.27),
+}
+
+
+class BatchAugment(nn.Module):
+    """Random contrast, translation and zoom, drawn per image, applied to a whole batch at once.
+
+    torchvision's RandomAffine draws one set of parameters per call, i.e. per batch; this draws one
+    per image and samples all of them with a single `grid_sample`. Borders are reflected, as Keras
+    does by default.
+    """
+
+    def __init__(self, augment: Augment) -> None:
+        super().__init__()
+        self.augment = augment
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float (N, C, H, W) in [0, 1]; returns the same shape, still in [0, 1]."""
+        a, n = self.augment, images.shape[0]
+        if a.translate or a.zoom:
+            scale = 1 + a.zoom * _uniform(n, images)
+            # affine_grid spans [-1, 1], so a shift by a fraction f of the size is 2f.
+            shift = 2 * a.translate * _uniform((n, 2), images)
+            theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
+            theta[:, 0, 0] = scale
+            theta[:, 1, 1] = scale
+            theta[:, :, 2] = shift
+            grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+            images = F.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
+        if a.contrast:
+            factor = (1 + a.contrast * _uniform(n, images)).view(n, 1, 1, 1)
+            mean = images.mean(dim=(1, 2, 3), keepdim=True)
+            images = ((images - mean) * factor + mean).clamp(0, 1)
+        return images
+
+
+def _uniform(shape: int | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Uniform in [-1, 1] on the device of `like`, from the global (seeded) generator."""
+    return torch.rand(shape, device=like.device, dtype=like.dtype) * 2 - 1
+
+
+def augment_preset(name: str) -> Augment:
+    if name not in AUGMENT_PRESETS:
+        raise UserInputError(
+            f"data.aug={name!r} is not a known augmentation preset; expected one of "
+            f"{', '.join(AUGMENT_PRESETS)}"
+        )
+    return AUGMENT_PRESETS[name]

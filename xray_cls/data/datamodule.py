@@ -1,0 +1,266 @@
+"""What every dataset shares: in-memory splits, their loaders and samplers, normalization, and the
+LightningDataModule that serves them (`XrayDataModule`).
+
+Every split is decoded once into memory as a uint8 tensor (N, 1, H, W). Augmentation and
+normalization run on whole batches after they reach the device (`on_after_batch_transfer`), so
+they cost a few tensor ops per batch instead of a PIL pipeline per image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from xray_cls.data.augment import BatchAugment, augment_preset
+from xray_cls.data.images import check_geometry
+from xray_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0 and 1, as in MedMNIST
+
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 1, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    paths: list[Path] | None = None  # the image files, for splits read from a folder
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> Split:
+        paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
+        return Split(self.images[index], self.labels[index], paths)
+
+    def concat(self, other: Split) -> Split:
+        paths = self.paths + other.paths if self.paths is not None and other.paths is not None else None
+        return Split(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]), paths)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
+
+
+class SplitDataset(Dataset):
+    """A Split served a batch at a time: `__getitems__` indexes the tensors once per batch."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.images[i], self.split.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.split.images[index], self.split.labels[index]
+
+
+class EpochShuffle(Sampler[int]):
+    """Train order drawn from (seed, epoch) alone, so a resumed run sees the same order as an
+    uninterrupted one; an epoch resumed from a mid-epoch checkpoint starts after the
+    `batches_done()` batches it already trained on. Lightning calls `set_epoch` every epoch."""
+
+    def __init__(self, size: int, seed: int, batch_size: int, batches_done: Callable[[], int]) -> None:
+        self.size, self.seed, self.batch_size, self.batches_done = size, seed, batch_size, batches_done
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size  # a whole epoch: Lightning counts the epoch's batches from it
+
+    def __iter__(self) -> Iterator[int]:
+        # hash() of a tuple of ints is the same in every process (only str hashes are salted).
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) % 2**63)
+        order = torch.randperm(self.size, generator=generator)
+        yield from order[self.batches_done() * self.batch_size :].tolist()
+
+
+def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch  # __getitems__ already returns stacked tensors
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 pixels -> float, standardized with the train split's statistics."""
+    return (images.float() / 255 - mean) / std
+
+
+def pixel_mean_std(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of uint8 pixels scaled to [0, 1], from a histogram, so that a
+    large split is never copied to float."""
+    counts = torch.bincount(images.flatten(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean = (counts * values).sum() / counts.sum()
+    std = ((counts * (values - mean) ** 2).sum() / counts.sum()).sqrt()
+    return mean.item(), max(std.item(), 1e-6)
+
+
+class XrayDataModule(L.LightningDataModule):
+    """Serves train/val/test splits; subclasses only say how to read them (`read_splits`)."""
+
+    def __init__(
+        self,
+        image_size: int | None = None,
+        batch_size: int = 32,
+        aug: str = "none",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        on_device: bool = True,
+        seed: int = 0,
+        geometry: str = "crop",
+    ) -> None:
+        super().__init__()
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0
+        ):
+            raise UserInputError(f"data.image_size={image_size!r} is not valid; expected a positive integer")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise UserInputError(f"data.batch_size={batch_size!r} is not valid; expected a positive integer")
+        self.geometry = check_geometry(geometry, "data.geometry")
+        self.requested_size = image_size
+        self.batch_size = batch_size
+        self.aug = aug
+        self.augment = BatchAugment(augment_preset(aug))
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.on_device = on_device
+        self.seed = seed
+        self.splits: dict[str, Split] = {}
+        self.mean = 0.0
+        self.std = 1.0
+        self.test_split = "test"  # the split test_dataloader serves (`evaluate split=...`)
+        self.only_split: str | None = None  # evaluate reads just the split it evaluates
+        self.recorded_val: list[str] | None = None  # a run's derived val split, to evaluate on again
+
+    def read_splits(self) -> dict[str, Split]:
+        raise NotImplementedError
+
+    def evaluate_split(self, split: str, recorded_val: list[str] | None = None) -> None:
+        """Serve `split` as the test split, reading only what it needs; a val split derived from
+        train is rebuilt from `recorded_val` (the run's own, see `state_dict`) when given."""
+        if split not in SPLITS:
+            raise UserInputError(f"split={split!r} is not a split of this data; expected one of {', '.join(SPLITS)}")
+        self.test_split = self.only_split = split
+        self.recorded_val = recorded_val
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:  # idempotent: the CLI reads the data once to size the network
+            return
+        self.splits = self.read_splits()
+        for name, split in self.splits.items():
+            log.info("%s split: %d images, %s = %s", name, len(split), "/".join(CLASS_NAMES), split.class_counts())
+        if "train" in self.splits:  # evaluate reads no train split: the checkpoint has the statistics
+            self.mean, self.std = pixel_mean_std(self.splits["train"].images)
+            log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)
+
+    @property
+    def image_size(self) -> int:
+        return next(iter(self.splits.values())).images.shape[-1]
+
+    @property
+    def in_channels(self) -> int:
+        return next(iter(self.splits.values())).images.shape[1]
+
+    def split_rows(self) -> list[dict[str, Any]]:
+        """Which image went to which split (splits.csv): path, split, label, patient."""
+        rows = []
+        for name, split in self.splits.items():
+            for i, label in enumerate(split.labels.tolist()):
+                path, patient = self.source_name(split, name, i), self.patient_name(split, i)
+                rows.append({"path": path, "split": name, "label": CLASS_NAMES[label], "patient": patient})
+        return rows
+
+    def source_name(self, split: Split, name: str, index: int) -> str:
+        return f"{name}_images[{index}]"  # the .npz key and row
+
+    def patient_name(self, split: Split, index: int) -> str:
+        return ""  # datasets that name no patients
+
+    def preprocess(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """uint8 images -> normalized float, augmented when `train`."""
+        if not train:
+            return normalize(images, self.mean, self.std)
+        return (self.augment(images.float() / 255) - self.mean) / self.std
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.preprocess(images, train=training), labels
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self.splits:
+            raise UserInputError(f"split={name!r} is not a split of this data; expected one of {', '.join(self.splits)}")
+        split, sampler = self.splits[name], None
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self.on_device and device.type == "cuda":
+            # The splits are small: copied to the GPU once, every batch is then indexed there.
+            split = Split(split.images.to(device), split.labels.to(device))
+            self.splits[name] = split
+        dataset = SplitDataset(split)
+        if shuffle and (trainer is None or trainer.world_size == 1):
+            sampler = EpochShuffle(len(split), self.seed, self.batch_size, self._batches_done)
+        elif not shuffle and trainer is not None and trainer.world_size > 1:
+            # Lightning's default sampler pads the last batch with repeats; evaluation must count
+            # every image once, so each process takes a disjoint share instead.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle and sampler is None,  # under DDP Lightning swaps in its DistributedSampler
+            sampler=sampler,
+            collate_fn=_batch_as_is,
+            # Each new iterator draws a worker seed from its generator: with the global one, that
+            # draw would shift augmentation and dropout after a resume.
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=0 if split.images.is_cuda else self.num_workers,
+            pin_memory=self.pin_memory and not split.images.is_cuda,
+            persistent_workers=self.num_workers > 0 and not split.images.is_cuda,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split, shuffle=False)
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch already trained: more than 0 only when resuming mid-epoch."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer else 0
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a trained model needs to prepare new images as it was trained (kept in its checkpoint)."""
+        return {
+            "image_size": self.image_size,
+            "in_channels": self.in_channels,
+            "mean": self.mean,
+            "std": self.std,
+            "class_names": list(CLASS_NAMES),
+            "geometry": self.geometry,
+        }
+
+    def use_preprocessing(self, preprocessing: dict[str, Any]) -> None:
+        """Normalize with a trained model's statistics instead of this data's own."""
+        self.mean, self.std = preprocessing["mean"], preprocessing["std"]

@@ -1,0 +1,237 @@
+"""Kermany/Kaggle image folders: root/{train,test[,val]}/{NORMAL,PNEUMONIA}/*, with a val split
+drawn from train by patient where the folder has no usable one."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xray_cls.data.cache import cache_path, load_cached_split, save_cached_split
+from xray_cls.data.datamodule import CLASS_NAMES, Split, XrayDataModule
+from xray_cls.data.images import IMAGE_SUFFIXES, decode_images, is_image_file
+from xray_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+VAL_FOLDER_NAMES = ("val", "valid", "validation")
+
+
+# Kermany file names name the patient: person1946_bacteria_4875.jpeg is patient person1946,
+# IM-0115-0001.jpeg is IM-0115 and NORMAL2-IM-1427-0001.jpeg is NORMAL2-IM-1427.
+KERMANY_PATIENT = re.compile(r"^(person\d+(?=_)|(?:NORMAL2-)?IM-\d+(?=-))", re.IGNORECASE)
+
+
+def patient_id(path: Path) -> str | None:
+    """The patient a Kermany image file belongs to, or None when its name follows no known pattern."""
+    match = KERMANY_PATIENT.match(path.name)
+    return match.group(1) if match else None
+
+
+def patient_split(
+    labels: torch.Tensor, patients: list[str], fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val): `fraction` of each class's patients in val, every image of a patient
+    on the same side, the same for the same seed. A patient counts for the class of most of its
+    images; one group per image makes this an image-level stratified split."""
+    members: dict[str, list[int]] = {}
+    for index, patient in enumerate(patients):
+        members.setdefault(patient, []).append(index)
+    generator = torch.Generator().manual_seed(seed)
+    val: list[int] = []
+    for label in labels.unique().tolist():
+        groups = [g for g, index in members.items() if labels[index].mode().values.item() == label]
+        order = torch.randperm(len(groups), generator=generator)
+        n_val = max(1, round(fraction * len(groups)))
+        val += [i for k in order[:n_val].tolist() for i in members[groups[k]]]
+    in_val = torch.zeros(len(labels), dtype=torch.bool)
+    in_val[val] = True
+    return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
+
+
+def find_subfolder(parent: Path, names: tuple[str, ...]) -> Path | None:
+    """The subfolder of `parent` whose name is one of `names`, ignoring case."""
+    wanted = {n.lower() for n in names}
+    for child in sorted(parent.iterdir()):
+        if child.is_dir() and child.name.lower() in wanted:
+            return child
+    return None
+
+
+def list_images(split_dir: Path) -> tuple[list[Path], list[int], int]:
+    """(paths, labels, number of ignored files) below split_dir/{NORMAL,PNEUMONIA}."""
+    paths, labels, ignored = [], [], 0
+    for label, class_name in enumerate(CLASS_NAMES):
+        class_dir = find_subfolder(split_dir, (class_name,))
+        if class_dir is None:
+            found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+            raise UserInputError(
+                f"{split_dir} has no {class_name} folder; expected the class folders "
+                f"{' and '.join(CLASS_NAMES)} (any case), found {found or 'no folders'}"
+            )
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        images = [p for p in files if is_image_file(p)]
+        if not images:
+            raise UserInputError(
+                f"{class_dir} holds no images; expected {', '.join(sorted(IMAGE_SUFFIXES))} files"
+            )
+        ignored += len(files) - len(images)
+        paths += images
+        labels += [label] * len(images)
+    return paths, labels, ignored
+
+
+def read_folder_split(split_dir: Path, size: int, cache_dir: Path | None = None, geometry: str = "crop") -> Split:
+    paths, labels, ignored = list_images(split_dir)
+    if ignored:
+        log.info("%s: ignored %d file(s) that are not images", split_dir, ignored)
+    cache = cache_path(cache_dir, split_dir, paths, labels, size, geometry) if cache_dir else None
+    if cache is not None and (split := load_cached_split(cache, labels, size)) is not None:
+        log.info("%s: %d images from the cache %s", split_dir, len(paths), cache)
+        split.paths = paths
+        return split
+    split = Split(torch.from_numpy(decode_images(paths, size, geometry)).unsqueeze(1), torch.tensor(labels), paths)
+    if cache is not None:
+        try:
+            save_cached_split(cache, split)
+        except OSError as err:  # a read-only or full disk costs speed, not the run
+            log.warning("could not write the image cache %s: %s", cache, err)
+    return split
+
+
+class ImageFolderDataModule(XrayDataModule):
+    """Kermany/Kaggle layout: root/{train,test[,val]}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png,dcm}.
+
+    A missing val folder, or one with fewer than `min_val_images` images (Kaggle's has 16), is
+    replaced by `val_fraction` of train's patients per class (its images, if any, join train
+    first), so that no patient has images on both sides.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 64,
+        val_fraction: float = 0.1,
+        min_val_images: int = 100,
+        cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if image_size is None:
+            raise UserInputError("data.image_size=None is not valid; expected a positive integer")
+        super().__init__(image_size=image_size, **kwargs)
+        if not root:
+            raise UserInputError("data.root is not set; expected data.root=/path/to/chest_xray")
+        if not 0 < val_fraction < 1:
+            raise UserInputError(f"data.val_fraction={val_fraction!r} is not valid; expected a number in (0, 1)")
+        self.root = Path(root).expanduser()
+        self.val_fraction = val_fraction
+        self.min_val_images = min_val_images
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.derived_val: list[str] | None = None  # the val split drawn from train, as paths relative to root
+
+    def read_splits(self) -> dict[str, Split]:
+        if not self.root.is_dir():
+            raise UserInputError(
+                f"data.root: {self.root} does not exist or is not a folder; expected a folder with "
+                "train/ and test/ (and optionally val/), each holding NORMAL/ and PNEUMONIA/"
+            )
+        if self.only_split == "test":
+            return {"test": self._read(self._test_folder())}
+        splits = self._train_and_val(self._read(self._folder("train")))
+        if self.only_split is None:
+            splits["test"] = self._read(self._folder("test"))
+        return splits
+
+    def _read(self, folder: Path) -> Split:
+        return read_folder_split(folder, self.requested_size, self.cache_dir, self.geometry)
+
+    def _folder(self, name: str) -> Path:
+        folder = find_subfolder(self.root, (name,))
+        if folder is None:
+            found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            raise UserInputError(
+                f"data.root: {self.root} has no {name}/ folder; expected train/ and test/ "
+                f"(and optionally val/), found {found or 'no folders'}"
+            )
+        return folder
+
+    def _test_folder(self) -> Path:
+        """root/test, or root itself when it holds the class folders (a folder of test images alone)."""
+        if find_subfolder(self.root, ("test",)) is None and all(find_subfolder(self.root, (c,)) for c in CLASS_NAMES):
+            return self.root
+        return self._folder("test")
+
+    def _train_and_val(self, train: Split) -> dict[str, Split]:
+        val_dir = find_subfolder(self.root, VAL_FOLDER_NAMES)
+        val = self._read(val_dir) if val_dir is not None else None
+        if val is not None and len(val) >= self.min_val_images:
+            log_patient_overlap(train, val)
+            return {"train": train, "val": val}
+        if val is not None:
+            log.info("%s has only %d images (< data.min_val_images=%d): merged into train", val_dir, len(val), self.min_val_images)
+            train = train.concat(val)
+        if self.recorded_val is not None:
+            train_index, val_index = self._recorded_val_index(train)
+        else:
+            patients = patient_groups(train.paths)
+            unmatched = sum(p.startswith(ONE_IMAGE_GROUP) for p in patients)
+            if unmatched:
+                log.info("%d of %d image names name no patient (Kermany patterns): one group per image", unmatched, len(patients))
+            train_index, val_index = patient_split(train.labels, patients, self.val_fraction, self.seed)
+            log.info("val split: %.0f%% of train's patients per class (seed %d)", 100 * self.val_fraction, self.seed)
+        splits = {"train": train.subset(train_index), "val": train.subset(val_index)}
+        self.derived_val = [self.source_name(splits["val"], "val", i) for i in range(len(splits["val"]))]
+        log_patient_overlap(splits["train"], splits["val"])
+        return splits
+
+    def _recorded_val_index(self, train: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's own val split, by the paths its checkpoint recorded."""
+        recorded = set(self.recorded_val or [])
+        in_val = torch.tensor([self.source_name(train, "train", i) in recorded for i in range(len(train))])
+        found = int(in_val.sum())
+        if found == 0:
+            raise UserInputError(
+                f"data.root: {self.root} holds none of the {len(recorded)} val images the checkpoint's run "
+                "recorded; expected the folder the run was trained on (or evaluate split=test)"
+            )
+        if found < len(recorded):
+            log.warning("%d of the run's %d recorded val images are missing from %s", len(recorded) - found, len(recorded), self.root)
+        log.info("val split: the %d images the run recorded", found)
+        return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
+
+    def source_name(self, split: Split, name: str, index: int) -> str:
+        path = split.paths[index]  # type: ignore[index]  # folder splits always carry their paths
+        return path.relative_to(self.root).as_posix()
+
+    def patient_name(self, split: Split, index: int) -> str:
+        return patient_id(split.paths[index]) or ""  # type: ignore[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the val split drawn from train, so `evaluate split=val` rebuilds it."""
+        return {"derived_val": self.derived_val} if self.derived_val is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("derived_val") != self.derived_val:
+            log.warning("the val split differs from the one the checkpoint recorded (the folder or the seed changed)")
+
+
+ONE_IMAGE_GROUP = "image:"
+
+
+def patient_groups(paths: list[Path] | None) -> list[str]:
+    """The patient of each image; an image whose name names no patient is a group of its own."""
+    return [patient_id(p) or f"{ONE_IMAGE_GROUP}{p}" for p in paths or []]
+
+
+def log_patient_overlap(train: Split, val: Split) -> None:
+    """val has N images of M patients, and how many of them are in train too (0 for a derived split)."""
+    train_patients = set(patient_groups(train.paths))
+    val_patients = set(patient_groups(val.paths))
+    shared = len(train_patients & val_patients)
+    (log.warning if shared else log.info)(
+        "val has %d images of %d patients, and %d patients are shared with train", len(val), len(val_patients), shared
+    )
