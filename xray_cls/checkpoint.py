@@ -10,13 +10,13 @@ read: evaluation does not need them, and a resumed run builds its own from its c
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from xray_cls.errors import UserInputError
+from xray_cls.files import atomic_write
 
 if TYPE_CHECKING:
     from xray_cls.classifier import XrayClassifier
@@ -124,6 +124,5 @@ def record_threshold(path: Path, checkpoint: dict[str, Any], threshold: dict[str
     """
     checkpoint["hyper_parameters"]["threshold"] = threshold["threshold"]
     checkpoint["hyper_parameters"]["threshold_rule"] = threshold
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(checkpoint, tmp)

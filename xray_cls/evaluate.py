@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
+from xray_cls.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tensorboard = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")
     log_figures([tensorboard], figures, step=0)
     tensorboard.finalize("success")
-    run_report.write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     print(run_report.format_test_table(metrics, title=f"{cfg.split.capitalize()} results of {cfg.ckpt}"), flush=True)
     log.info("evaluation folder: %s", out_dir)
     return metrics

@@ -12,8 +12,6 @@ resized; "stretch": the whole picture resized), threshold (PNEUMONIA above it) a
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from torch import Tensor, nn
 
 from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
 from xray_cls.errors import UserInputError
+from xray_cls.files import atomic_write, write_json
 
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 SIDECAR = "model.json"
@@ -62,14 +61,12 @@ def export(cfg: DictConfig) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL_FILES[cfg.format]
-    tmp = model_path.with_name(f".{model_path.name}.tmp")
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_write(model_path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' notes on tracing and their own deprecations
         if cfg.format == "onnx":
             write_onnx(model, example, tmp, cfg.opset)
         else:
             torch.jit.save(torch.jit.trace(model, example), str(tmp))
-    os.replace(tmp, model_path)
     sidecar = {
         "model": model_path.name,
         "format": cfg.format,
@@ -86,7 +83,7 @@ def export(cfg: DictConfig) -> Path:
         "network": network_name(module.hparams.net),
         "checkpoint": str(cfg.ckpt),
     }
-    (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_json(out_dir / SIDECAR, sidecar)
     print(f"exported {cfg.ckpt} as {cfg.format}: {model_path} (with {SIDECAR})", flush=True)
     return model_path
 

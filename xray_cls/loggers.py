@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from xray_cls.errors import UserInputError
+from xray_cls.files import write_csv, write_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -61,12 +61,7 @@ class EpochCurves(Logger):
     @rank_zero_only
     def save(self) -> None:
         columns = sorted({k for row in self.rows.values() for k in row})
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["epoch", *columns])
-            writer.writeheader()
-            writer.writerows({"epoch": epoch, **row} for epoch, row in sorted(self.rows.items()))
-        os.replace(tmp, self.path)
+        write_csv(self.path, ({"epoch": epoch, **row} for epoch, row in sorted(self.rows.items())), ["epoch", *columns])
 
 
 def read_epoch_curves(path: Path) -> dict[int, dict[str, float]]:
@@ -99,7 +94,7 @@ def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
 def remember_runs(loggers: dict[str, Logger], run_dir: Path) -> None:
     ids = {name: logger.run_id for name, logger in loggers.items() if isinstance(logger, MLFlowLogger)}
     if ids:
-        (run_dir / RUN_IDS_FILE).write_text(json.dumps(ids, indent=2) + "\n")
+        write_json(run_dir / RUN_IDS_FILE, ids)
 
 
 def log_figures(loggers: list[Logger], figures: dict[str, Figure], step: int) -> None:

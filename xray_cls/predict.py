@@ -9,7 +9,6 @@ images are skipped and counted, unreadable images are skipped and named in the l
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from omegaconf import DictConfig
 
 from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
 from xray_cls.errors import UserInputError
+from xray_cls.files import atomic_write, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,16 @@ def display_image(path: Path, geometry: str) -> Any:
 def save_overlay(path: Path, cam: Any, geometry: str, target: Path) -> None:
     from xray_cls.gradcam import overlay
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    overlay(display_image(path, geometry), cam).save(tmp, format="PNG")
-    os.replace(tmp, target)
+    with atomic_write(target) as tmp:
+        overlay(display_image(path, geometry), cam).save(tmp, format="PNG")
 
 
 def predict(cfg: DictConfig) -> Path:
     """Predict every image of `cfg.input`; returns the path of predictions.csv."""
-    import torch
 
     from xray_cls.checkpoint import load_classifier
     from xray_cls.data import CLASS_NAMES, normalize, trained_geometry
     from xray_cls.gradcam import grad_cam, last_conv_layer
-    from xray_cls.run_report import write_csv
 
     quiet_libraries()
     require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")

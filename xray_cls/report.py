@@ -20,6 +20,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from xray_cls.files import write_text
+
 log = logging.getLogger(__name__)
 
 # (key, header, which value is best); the keys are summary.csv's columns after run/status/overrides.
@@ -155,7 +157,7 @@ def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], figures: list[s
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{name.removesuffix('.png').replace('_', ' ')}](figures/{name})" for name in figures]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def curves_figure(runs: list[Run], tag: str, ylabel: str) -> Any:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,21 +245,3 @@ def _interval(metrics: dict[str, Any], key: str) -> str:
         return ""
     low, high = ci[key]
     return f"  ({100 * ci['confidence']:.0f}% CI {low:.4f}-{high:.4f})"
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Written to a temporary name, then renamed: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """A CSV with a header row, written to a temporary name, then renamed, like write_json."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)

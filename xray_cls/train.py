@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray_cls.cli import CONFIG_DIR, error_line, exit_on_user_error, progress_bar, quiet_libraries, run_error
 from xray_cls.errors import RunInterrupted, UserInputError
+from xray_cls.files import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")  # reads the data, so the network can be sized to it
     if rank_zero_only.rank == 0 and not (out_dir / "splits.csv").exists():  # a resumed run keeps its own
-        run_report.write_csv(out_dir / "splits.csv", datamodule.split_rows(), SPLITS_COLUMNS)
+        write_csv(out_dir / "splits.csv", datamodule.split_rows(), SPLITS_COLUMNS)
     net_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net_cfg.update(in_channels=datamodule.in_channels, image_size=datamodule.image_size)
     if resume_from is not None:  # checked before anything is written to the run's folder
@@ -256,7 +257,7 @@ def write_run_report(metrics: dict[str, Any], figures: dict[str, Any], loggers: 
     run_report.save_figures(figures, out_dir / "figures")
     log_figures(loggers, figures, step)
     log_results(loggers, metrics)
-    run_report.write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     print(run_report.format_test_table(metrics), flush=True)
     log.info("run folder: %s", out_dir)
 
@@ -280,7 +281,6 @@ def _train_in_sweep(cfg: DictConfig) -> dict[str, Any] | None:
             log.exception("run failed")
         else:
             log.error("run failed: %s", error_line(err))
-        from xray_cls.run_report import write_json
 
         out_dir = Path(cfg.paths.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

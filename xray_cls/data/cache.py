@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from xray_cls.data.datamodule import Split
 from xray_cls.data.images import BIT_DEPTHS
+from xray_cls.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,5 @@ def save_cached_split(path: Path, split: Split) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):  # older versions of this folder
         stale.unlink(missing_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": split.images, "labels": split.labels}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save({"images": split.images, "labels": split.labels}, tmp)
