@@ -11,7 +11,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from xray_cls.classifier import LossAccuracy, XrayClassifier
 from xray_cls.errors import TrainingDivergedError, UserInputError
-from xray_cls.run_report import bootstrap_intervals, choose_threshold
+from xray_cls.metrics import bootstrap_intervals, choose_threshold
 from xray_cls.train import positive_class_weight, train
 
 

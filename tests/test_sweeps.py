@@ -15,7 +15,7 @@ from hydra.utils import get_class
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from xray_cls import report
+from xray_cls import sweep_report
 
 FIGURES = ["val_accuracy.png", "val_loss.png", "confusion_matrices.png", "test_metrics.png"]
 
@@ -79,8 +79,8 @@ def test_report_rebuilds_identically_from_a_copied_folder(sweep: Path, tmp_path:
     for name in ("report.md", "summary.csv"):
         (copy / name).unlink()
     shutil.rmtree(copy / "figures")
-    report.main([str(copy)])
-    report.main([str(copy)])  # and again: idempotent
+    sweep_report.main([str(copy)])
+    sweep_report.main([str(copy)])  # and again: idempotent
     for name in ["report.md", "summary.csv", *(f"figures/{f}" for f in FIGURES)]:
         assert (copy / name).read_bytes() == (sweep / name).read_bytes(), name
 
@@ -142,14 +142,14 @@ def test_report_of_an_interrupted_run(tmp_path: Path, sweep: Path) -> None:
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
     (copy / "2" / "metrics.json").unlink()
-    report.write_report(copy)
+    sweep_report.write_report(copy)
     statuses = [r["status"] for r in read_summary(copy)]
     assert statuses == ["ok", "failed", "incomplete", "failed"]
 
 
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        report.main([str(tmp_path)])
+        sweep_report.main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"error: {tmp_path} holds no runs" in capsys.readouterr().err
 

@@ -153,7 +153,7 @@ def log_to_run_folder(run_dir: Path) -> None:
 
 def decide_threshold(cfg: DictConfig, module: Any, datamodule: Any) -> dict[str, Any]:
     """The test threshold by `threshold_rule`, from the module's predictions on val only."""
-    from xray_cls.run_report import choose_threshold
+    from xray_cls.metrics import choose_threshold
 
     val = datamodule.splits["val"]
     probs = module.predict_probabilities(datamodule.preprocess(val.images.to(module.device)))

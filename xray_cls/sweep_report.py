@@ -1,4 +1,4 @@
-"""The report of a sweep: `python -m xray_cls.report SWEEP_DIR`, also written at the end of every multirun.
+"""The report of a sweep: `python -m xray_cls.sweep_report SWEEP_DIR`, also written at the end of every multirun.
 
 It reads only what the runs wrote (`.hydra/overrides.yaml`, `metrics.json` or `failed.json`,
 `curves.csv`), whichever logger they used, so a copied sweep folder can be reported again, and writes `report.md`,
@@ -259,7 +259,7 @@ class SweepReport(Callback):
 def main(argv: list[str] | None = None) -> None:
     from xray_cls.errors import UserInputError
 
-    parser = argparse.ArgumentParser(prog="python -m xray_cls.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m xray_cls.sweep_report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. outputs/multirun/<date>/<time>")
     args = parser.parse_args(argv)
     try:
