@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,3 +175,34 @@ def test_resume_builds_the_optimizer_of_its_config_never_the_checkpoints(tmp_pat
     metrics = train(compose_config(tmp_path / "unused", [*SHORT_RESUMABLE, f"ckpt_path={last}"]))
     assert metrics["resumed_from"] == str(last) and (tmp_path / "run" / "metrics.json").is_file()
     assert not (tmp_path / "pwned").exists()
+
+
+def checkpoint_callback_state(checkpoint: dict) -> dict:
+    return next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+
+
+def test_a_moved_run_folder_resumes_from_its_own_checkpoints(tmp_path: Path) -> None:
+    """Lightning restores absolute paths: the old folder's best.ckpt would be tested, or be missing."""
+    last = interrupted_run(tmp_path / "old")
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    state = checkpoint_callback_state(torch.load(tmp_path / "new" / "checkpoints" / "last.ckpt", weights_only=True))
+    assert state["best_model_path"] == str(last.parent / "best.ckpt")  # the old place, which is gone
+    metrics = train(compose_config(tmp_path / "unused", [*SHORT_RESUMABLE, f"ckpt_path={tmp_path / 'new' / last.relative_to(tmp_path / 'old')}"]))
+    assert metrics["best_checkpoint"]["path"] == "checkpoints/best.ckpt"
+    assert metrics["best_checkpoint"]["score"] == pytest.approx(float(state["best_model_score"]))
+    assert (tmp_path / "new" / "metrics.json").is_file() and not (tmp_path / "old").exists()
+
+
+def test_a_checkpoint_naming_files_outside_its_run_is_refused(tmp_path: Path) -> None:
+    """ModelCheckpoint deletes a superseded best or last file by the path its state names."""
+    last = interrupted_run(tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    checkpoint = torch.load(last, weights_only=True)
+    state = checkpoint_callback_state(checkpoint)
+    state["best_model_path"] = str(victim)
+    state["best_k_models"] = {str(victim): state["best_model_score"]}
+    torch.save(checkpoint, last)
+    with pytest.raises(UserInputError, match="victim.txt' as one of its run's checkpoints; expected a .ckpt file name"):
+        train(compose_config(tmp_path / "unused", [*SHORT_RESUMABLE, "trainer.max_epochs=3", f"ckpt_path={last}"]))
+    assert victim.read_text() == "keep me"

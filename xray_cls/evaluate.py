@@ -15,7 +15,6 @@ import hydra
 from omegaconf import DictConfig
 
 from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
-from xray_cls.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +27,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from xray_cls import run_report
     from xray_cls.checkpoint import load_classifier
     from xray_cls.data import trained_geometry
-    from xray_cls.gradcam import gradcam_sample_figure
-    from xray_cls.loggers import log_figures
 
     quiet_libraries()
     require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
@@ -61,25 +58,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    results = module.test_results
-    metrics = {
-        **run_report.evaluation_metrics(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed),
+    evaluation = {
         "checkpoint": str(cfg.ckpt),
         "split": cfg.split,
         "data": {k: v for k, v in cfg.data.items() if k in ("_target_", "path", "root")},
         "preprocessing": preprocessing,
     }
-    figures = run_report.make_test_figures(results, metrics["class_names"])
-    if cfg.gradcam_samples > 0 and cfg.split == "test":
-        figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_report.save_figures(figures, out_dir / "figures")
     tensorboard = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")
-    log_figures([tensorboard], figures, step=0)
-    tensorboard.finalize("success")
-    write_json(out_dir / "metrics.json", metrics)
-    print(run_report.format_test_table(metrics, title=f"{cfg.split.capitalize()} results of {cfg.ckpt}"), flush=True)
+    metrics = run_report.test_and_report(
+        trainer, module, datamodule, threshold, cfg, out_dir, evaluation, [tensorboard],
+        title=f"{cfg.split.capitalize()} results of {cfg.ckpt}", gradcam=cfg.split == "test",
+    )
     log.info("evaluation folder: %s", out_dir)
     return metrics
 

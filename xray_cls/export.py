@@ -47,6 +47,7 @@ class ProbabilityModel(nn.Module):
 def export(cfg: DictConfig) -> Path:
     """Export `cfg.ckpt` as `cfg.format`; returns the model file's path."""
     from xray_cls.checkpoint import load_classifier, network_name
+    from xray_cls.data import trained_geometry
 
     quiet_libraries()
     require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
@@ -75,7 +76,7 @@ def export(cfg: DictConfig) -> Path:
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"], "meaning": f"probability of {prep['class_names'][1]}"},
         "image_size": prep["image_size"],
         "in_channels": prep["in_channels"],
-        "geometry": prep.get("geometry", "crop"),
+        "geometry": trained_geometry(prep, cfg.ckpt),
         "threshold": module.hparams.threshold,
         "threshold_rule": module.hparams.threshold_rule,
         "class_names": list(prep["class_names"]),

@@ -137,9 +137,9 @@ def log_results(loggers: list[Logger], metrics: dict[str, Any]) -> None:
     """At the end of the run: TensorBoard's HParams entry (the settings with the test and last val
     metrics), then every logger is closed. The other loggers already have the test metrics."""
     hp_metrics = {f"hparams/test_{k}": v for k, v in metrics["test"].items()}
-    hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics["last_epoch"].items() if k.endswith("/val")})
+    hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics.get("last_epoch", {}).items() if k.endswith("/val")})
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if isinstance(logger, TensorBoardLogger) and "hparams" in metrics:  # evaluate's metrics have none
             logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
         logger.finalize("success")
         if isinstance(logger, WandbLogger):

@@ -27,11 +27,42 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from xray_cls.errors import RunInterrupted, UserInputError
 
 log = logging.getLogger(__name__)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose restored state names only files of this run's own
+    checkpoints/ folder.
+
+    Lightning keeps absolute paths in a checkpoint's callback state (the best checkpoint, the last
+    one, the top k) and deletes a superseded best or last file by that path. A run folder that was
+    moved or copied would then test, or delete, the files of its old place, and a crafted
+    last.ckpt could name any file. Every restored path is re-rooted to this folder by its file
+    name, which must be a plain `*.ckpt` name.
+    """
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        return f"ModelCheckpoint{kwargs!r}"  # the key checkpoints of ModelCheckpoint itself were saved under
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict, dirpath=self.dirpath)
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = self._own_path(state.get(key))
+        state["best_k_models"] = {self._own_path(k): v for k, v in (state.get("best_k_models") or {}).items()}
+        super().load_state_dict(state)
+
+    def _own_path(self, path: Any) -> str:
+        if not path:
+            return ""
+        name = Path(str(path)).name
+        if not name.endswith(".ckpt") or name.startswith(".") or name != os.path.basename(str(path)):
+            raise UserInputError(f"a checkpoint names {str(path)[:200]!r} as one of its run's checkpoints; expected a .ckpt file name")
+        return str(Path(self.dirpath) / name)
 
 
 class ResumableTraining(L.Callback):

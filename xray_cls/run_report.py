@@ -187,3 +187,37 @@ def _interval(metrics: dict[str, Any], key: str) -> str:
         return ""
     low, high = ci[key]
     return f"  ({100 * ci['confidence']:.0f}% CI {low:.4f}-{high:.4f})"
+
+
+def test_and_report(
+    trainer: Any,
+    module: Any,
+    datamodule: Any,
+    threshold: dict[str, Any],
+    cfg: Any,
+    out_dir: Path,
+    extra: dict[str, Any],
+    loggers: list[Any],
+    title: str = "Test results",
+    gradcam: bool = True,
+) -> dict[str, Any]:
+    """Test `module` on the datamodule's test split and leave what a run and `evaluate` leave: the
+    figures (PNG and every logger), metrics.json (the test part, then `extra`) and the console
+    table. Every process tests (the metrics are reduced across them); the first one writes."""
+    from xray_cls.files import write_json
+    from xray_cls.gradcam import gradcam_sample_figure
+    from xray_cls.loggers import log_figures, log_results
+
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results = module.test_results
+    metrics = {**evaluation_metrics(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed), **extra}
+    if trainer.is_global_zero:
+        figures = make_test_figures(results, metrics["class_names"])
+        if gradcam and cfg.gradcam_samples > 0:
+            figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
+        save_figures(figures, out_dir / "figures")
+        log_figures(loggers, figures, trainer.global_step)
+        log_results(loggers, metrics)
+        write_json(out_dir / "metrics.json", metrics)
+        print(format_test_table(metrics, title), flush=True)
+    return metrics

@@ -38,7 +38,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from xray_cls import run_report
     from xray_cls.checkpoint import record_threshold
     from xray_cls.classifier import XrayClassifier
-    from xray_cls.gradcam import gradcam_sample_figure
     from xray_cls.loggers import log_params
     from xray_cls.resume import ResumableTraining, check_same_network, requeued_checkpoint, resume_folder, warn_config_changes
     from xray_cls.slurm import slurm_job
@@ -100,10 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         last_path = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
         if last_path is not None and last_path != best_path and last_path.is_file():
             record_threshold(last_path, torch.load(last_path, map_location="cpu", weights_only=True), threshold)
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    results = module.test_results
-    metrics = {
-        **run_report.evaluation_metrics(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed),
+    run = {
         "last_epoch": last_epoch,
         "best_checkpoint": {
             "path": str(best_path.relative_to(out_dir)) if best_path else None,
@@ -117,11 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "slurm": slurm_job(),
         "hparams": hparams,
     }
-    if trainer.is_global_zero:
-        figures = run_report.make_test_figures(results, metrics["class_names"])
-        if cfg.gradcam_samples > 0:
-            figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
-        write_run_report(metrics, figures, trainer.loggers, out_dir, trainer.global_step)
+    metrics = run_report.test_and_report(trainer, module, datamodule, threshold, cfg, out_dir, run, trainer.loggers)
+    log.info("run folder: %s", out_dir)
     return metrics
 
 
@@ -248,18 +241,6 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
         "image_size": image_size,
         "max_epochs": cfg.trainer.max_epochs,
     }
-
-
-def write_run_report(metrics: dict[str, Any], figures: dict[str, Any], loggers: list[Any], out_dir: Path, step: int) -> None:
-    from xray_cls import run_report
-    from xray_cls.loggers import log_figures, log_results
-
-    run_report.save_figures(figures, out_dir / "figures")
-    log_figures(loggers, figures, step)
-    log_results(loggers, metrics)
-    write_json(out_dir / "metrics.json", metrics)
-    print(run_report.format_test_table(metrics), flush=True)
-    log.info("run folder: %s", out_dir)
 
 
 def _in_multirun() -> bool:
