@@ -203,10 +203,19 @@ def check_same_network(ckpt_path: Path, net_cfg: dict[str, Any]) -> None:
 def config_changes(run_dir: Path, cfg: DictConfig) -> list[str]:
     """The settings (dotted keys) in which `cfg` differs from the run's own config.yaml, apart from
     those that do not change the result."""
-    saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
-    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    saved = _in_run_folder(_flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))))
+    current = _in_run_folder(_flatten(OmegaConf.to_container(cfg, resolve=True)))
     ignored = {"ckpt_path", "paths.output_dir", "data.cache_dir", "trainer.enable_progress_bar"}
     return [k for k in sorted(saved.keys() | current.keys()) if k not in ignored and saved.get(k) != current.get(k)]
+
+
+def _in_run_folder(flat: dict[str, Any]) -> dict[str, Any]:
+    """Paths inside the run folder (checkpoints/, the loggers' folders) written relative to it, so
+    that a moved or copied run folder compares equal to where it was written."""
+    out_dir = str(flat.get("paths.output_dir") or "")
+    if not out_dir:
+        return flat
+    return {k: v.replace(out_dir, "<run>") if isinstance(v, str) else v for k, v in flat.items()}
 
 
 def warn_config_changes(run_dir: Path, cfg: DictConfig) -> None:
