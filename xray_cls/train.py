@@ -104,6 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": {
             "path": str(best_path.relative_to(out_dir)) if best_path else None,
             "monitor": cfg.checkpoint.monitor,
+            "mode": cfg.checkpoint.mode,
             "score": float(checkpoint.best_model_score) if best_path else None,
         },
         "params": run_report.parameter_counts(module.net),
@@ -236,6 +237,7 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
         "lr": cfg.optimizer.lr,
         "pos_weight": "none" if cfg.loss.pos_weight is None else cfg.loss.pos_weight,
         "threshold_rule": cfg.threshold_rule,
+        "checkpoint": f"{cfg.checkpoint.monitor} ({cfg.checkpoint.mode})",  # what runs are chosen by
         "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
         "image_size": image_size,
