@@ -14,7 +14,7 @@ from conftest import SHORT_RUN, compose_config
 from xray_cls.data.pneumoniamnist import BUNDLED_NPZ
 from xray_cls.train import train
 
-CHOICES = ["model=mlp", "threshold_rule=youden", "gradcam_samples=0", *SHORT_RUN]
+CHOICES = ["model=mlp", "threshold_rule=youden", "calibration=temperature", "gradcam_samples=0", *SHORT_RUN]
 
 
 def with_flipped_test_labels(path: Path) -> Path:
@@ -34,6 +34,9 @@ def test_corrupted_test_labels_change_no_choice(tmp_path: Path) -> None:
     assert corrupt["best_checkpoint"] == clean["best_checkpoint"]
     assert corrupt["threshold_rule"] == clean["threshold_rule"] and clean["threshold_rule"]["rule"] == "youden"
     assert corrupt["epochs"] == clean["epochs"]
+    temperature = clean["calibration"]["temperature"]
+    assert corrupt["calibration"]["temperature"] == temperature != 1.0
+    assert corrupt["calibration"]["val_ece"] == clean["calibration"]["val_ece"]
     weights = [torch.load(tmp_path / run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
                for run in ("clean", "corrupt")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -145,7 +145,11 @@ def log_results(loggers: list[Logger], metrics: dict[str, Any]) -> None:
     hp_metrics = {f"hparams/best_{best['monitor'].replace('/', '_')}": best["score"]} if best.get("score") is not None else {}
     hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics.get("last_epoch", {}).items() if k.endswith("/val")})
     hp_metrics.update({f"hparams/test_{k}": v for k, v in metrics["test"].items()})
+    eces = {k: v for k, v in (metrics.get("calibration") or {}).items() if "_ece" in k}  # val_ece, test_ece, ...
+    hp_metrics.update({f"hparams/{k}": v for k, v in eces.items()})
     for logger in loggers:
+        if eces:
+            logger.log_metrics({f"calibration/{k}": v for k, v in eces.items()})
         if isinstance(logger, TensorBoardLogger) and "hparams" in metrics:  # evaluate's metrics have none
             logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
         logger.finalize("success")
