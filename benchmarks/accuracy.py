@@ -3,10 +3,12 @@
     python benchmarks/accuracy.py              # 3 seeds of each
     python benchmarks/accuracy.py --seeds 5
     python benchmarks/accuracy.py --quick      # one seed, one short epoch: a smoke test
+    python benchmarks/accuracy.py --calibration temperature   # temperature scaling fitted on val
 
-Everything about a run is chosen on the validation split (checkpoint, threshold); each run's
-test split is evaluated once, after training, and only reported here. The last line is
-machine-readable (RESULT ...).
+Everything about a run is chosen on the validation split (checkpoint, temperature, threshold);
+each run's test split is evaluated once, after training, and only reported here. The last line is
+machine-readable (RESULT ...): ece= is the test ECE (15 bins) of +experiment=best, and with
+--calibration temperature, ece_uncalibrated= is the same before temperature scaling.
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ def run(overrides: list[str], seed: int) -> dict[str, Any]:
 
 def summarize(name: str, results: list[dict[str, Any]]) -> dict[str, float]:
     print(f"\n{name}")
-    print(f"  {'seed':>4}  {'ACC':>6}  {'AUROC':>6}  {'sens':>6}  {'spec':>6}  {'threshold':>9}  {'train min':>9}")
+    print(f"  {'seed':>4}  {'ACC':>6}  {'AUROC':>6}  {'sens':>6}  {'spec':>6}  {'threshold':>9}  {'ECE':>6}  {'train min':>9}")
     for r in results:
         t = r["test"]
         print(
             f"  {r['hparams']['seed']:>4}  {t['accuracy']:.4f}  {t['auroc']:.4f}  {t['recall']:.4f}  "
-            f"{t['specificity']:.4f}  {r['threshold']:>9.4f}  {r['train_seconds'] / 60:>9.2f}"
+            f"{t['specificity']:.4f}  {r['threshold']:>9.4f}  {r['calibration']['test_ece']:.4f}  {r['train_seconds'] / 60:>9.2f}"
         )
     columns = {k: [r["test"][k] for r in results] for k in ("accuracy", "auroc", "recall", "specificity")}
     means = {k: statistics.mean(v) for k, v in columns.items()}
@@ -50,7 +52,10 @@ def summarize(name: str, results: list[dict[str, Any]]) -> dict[str, float]:
     print(
         "  mean  " + "  ".join(f"{means[k]:.4f}" for k in columns) + "\n  std   " + "  ".join(f"{stds[k]:.4f}" for k in columns)
     )
+    calibration = [r["calibration"] for r in results]
     return {
+        "ece": statistics.mean(c["test_ece"] for c in calibration),
+        "ece_uncalibrated": statistics.mean(c.get("test_ece_uncalibrated", c["test_ece"]) for c in calibration),
         "acc": means["accuracy"],
         "auroc": means["auroc"],
         "acc_std": stds["accuracy"],
@@ -62,17 +67,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     parser.add_argument("--quick", action="store_true", help="one seed and one short epoch, as a smoke test")
+    parser.add_argument("--calibration", choices=["none", "temperature"], default="none",
+                        help="calibration of +experiment=best (default none)")
     args = parser.parse_args()
     seeds = [1] if args.quick else list(range(1, args.seeds + 1))
     quick = ["trainer.max_epochs=1", "trainer.limit_train_batches=10"] if args.quick else []
     common = ["trainer.enable_progress_bar=false", *quick]
 
-    best = summarize("+experiment=best", [run(["+experiment=best", *common], s) for s in seeds])
+    calibrated = [f"calibration={args.calibration}"]
+    best = summarize("+experiment=best", [run(["+experiment=best", *calibrated, *common], s) for s in seeds])
     baseline = summarize("the study's default CNN", [run(common, s) for s in seeds])
     print("\npublished on the same test set (ACC / AUROC): " + ", ".join(f"{n} {a:.3f} / {u:.3f}" for n, a, u in PUBLISHED))
     print(
         f"RESULT acc={best['acc']:.4f} auroc={best['auroc']:.4f} acc_std={best['acc_std']:.4f} seeds={len(seeds)} "
-        f"minutes_per_run={best['minutes']:.2f} baseline_acc={baseline['acc']:.4f} baseline_auroc={baseline['auroc']:.4f}"
+        f"minutes_per_run={best['minutes']:.2f} baseline_acc={baseline['acc']:.4f} baseline_auroc={baseline['auroc']:.4f} "
+        f"ece={best['ece']:.4f}" + (f" ece_uncalibrated={best['ece_uncalibrated']:.4f}" if args.calibration == "temperature" else "")
     )
 
 

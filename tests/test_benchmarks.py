@@ -9,13 +9,13 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 SPEED_KEYS = ["cnn_overhead", "mlp_overhead", "aug_cost", "startup", "folder_epoch2", "folder_rerun", "default_rss_mb"]
-ACCURACY_KEYS = ["acc", "auroc", "acc_std", "seeds", "minutes_per_run", "baseline_acc", "baseline_auroc"]
+ACCURACY_KEYS = ["acc", "auroc", "acc_std", "seeds", "minutes_per_run", "baseline_acc", "baseline_auroc", "ece"]
 
 
-def quick_result(script: str, keys: list[str], cwd: Path) -> dict[str, str]:
-    """Runs `script --quick` and returns its RESULT line's values, which must be exactly `keys`."""
+def quick_result(script: str, keys: list[str], cwd: Path, *args: str) -> dict[str, str]:
+    """Runs `script --quick ARGS` and returns its RESULT line's values, which must be exactly `keys`."""
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, str(BENCHMARKS / script), "--quick", *args], cwd=cwd, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
@@ -30,6 +30,7 @@ def test_speed_benchmark_quick_mode(tmp_path: Path) -> None:
 
 
 def test_accuracy_benchmark_quick_mode(tmp_path: Path) -> None:
-    values = quick_result("accuracy.py", ACCURACY_KEYS, tmp_path)
+    values = quick_result("accuracy.py", [*ACCURACY_KEYS, "ece_uncalibrated"], tmp_path, "--calibration", "temperature")
     assert values["seeds"] == "1" and values["acc_std"] == "0.0000"
     assert 0 < float(values["acc"]) <= 1 and 0 < float(values["baseline_auroc"]) <= 1
+    assert 0 <= float(values["ece"]) <= 1 and values["ece"] != values["ece_uncalibrated"]

@@ -160,6 +160,7 @@ CRAFTED_NETWORKS = {
 CRAFTED_VALUES = {  # never instantiated, but the loader uses them: plain values only
     "threshold": ({"_target_": "builtins.float"}, "threshold is a config to instantiate (builtins.float), not a number"),
     "pos_weight": ("heavy", "pos_weight is a str, not a number or None"),
+    "temperature": ({"_target_": "builtins.float"}, "temperature is a config to instantiate (builtins.float), not a positive number"),
     "preprocessing": ({"image_size": [28, {"a": 1}]}, "preprocessing.image_size is a list holding a dict"),
 }
 WOULD_WRITE = [case for case in CRAFTED_NETWORKS if case != "a tensor argument"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -58,19 +59,43 @@ def test_summary_agrees_with_each_runs_metrics(sweep: Path) -> None:
         for key in ("accuracy", "precision", "recall", "specificity", "f1", "auroc"):
             assert float(row[key]) == pytest.approx(metrics["test"][key])
         assert float(row["val_acc"]) == pytest.approx(metrics["last_epoch"]["acc/val"])
+        assert float(row["best_val"]) == pytest.approx(metrics["best_checkpoint"]["score"])  # not the last epoch's
+        assert float(row["threshold"]) == pytest.approx(metrics["threshold"])
         assert int(row["params"]) == metrics["params"]["total"]
 
 
-def test_report_marks_the_best_and_links_existing_figures(sweep: Path) -> None:
+def test_report_ranks_and_bolds_by_the_val_metric_only(sweep: Path) -> None:
     text = (sweep / "report.md").read_text()
     rows = [r for r in read_summary(sweep) if r["status"] == "ok"]
-    best_auroc = max(float(r["auroc"]) for r in rows)
-    assert f"**{best_auroc:.4f}**" in text
+    best = {r["run"]: json.loads((sweep / r["run"] / "metrics.json").read_text())["best_checkpoint"] for r in rows}
+    assert {b["monitor"] for b in best.values()} == {"loss/val"} and {b["mode"] for b in best.values()} == {"min"}
+    chosen = min(rows, key=lambda r: float(r["best_val"]))  # loss/val: lowest is best
+    assert sorted(int(r["val_rank"]) for r in rows) == [1, 2] and chosen["val_rank"] == "1"
+    assert all(r["val_rank"] == "" for r in read_summary(sweep) if r["status"] != "ok")
+    # one bold cell: the chosen run's best val score; no test value is marked
+    assert re.findall(r"\*\*([^*]+)\*\*", text) == [f"{float(chosen['best_val']):.4f}"]
+    table = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert table[0].startswith(f"| 1 | {chosen['run']} |")  # ranked order, best first
+    section = text.split("## Chosen on val")[1].split("|")[0]
+    assert f"Run {chosen['run']} (" in section and f"loss/val {float(chosen['best_val']):.4f}" in section
+    assert f"accuracy {float(chosen['accuracy']):.4f}" in section and f"auroc {float(chosen['auroc']):.4f}" in section
     assert text.count("| failed |") == 2
     assert "run 1 (failed): data.aug='bogus'" in text
     for name in FIGURES:
         assert f"(figures/{name})" in text
         assert (sweep / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_chosen_by_different_val_metrics_are_not_ranked(sweep: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    metrics = json.loads((copy / "2" / "metrics.json").read_text())
+    metrics["best_checkpoint"].update(monitor="auroc/val", mode="max")
+    (copy / "2" / "metrics.json").write_text(json.dumps(metrics))
+    text = sweep_report.write_report(copy).read_text()
+    assert "No run is ranked: the runs chose their checkpoints by different val metrics: auroc/val (max), loss/val (min)" in text
+    assert "**" not in text and "## Chosen on val" not in text
+    assert all(r["val_rank"] == "" for r in read_summary(copy))
 
 
 def test_report_rebuilds_identically_from_a_copied_folder(sweep: Path, tmp_path: Path) -> None:
@@ -94,8 +119,12 @@ def test_each_run_logs_hparams_for_the_hparams_dashboard(sweep: Path) -> None:
         assert start.hparams["aug"].string_value == "mild"
         assert {"lr", "dropout", "batch_size", "seed", "image_size"} <= set(start.hparams)
         experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-        metric_tags = {m.name.tag for m in experiment.metric_infos}
-        assert {"hparams/test_accuracy", "hparams/acc_val", "hparams/loss_val"} <= metric_tags
+        assert start.hparams["checkpoint"].string_value == "loss/val (min)"
+        metric_tags = [m.name.tag for m in experiment.metric_infos]
+        assert metric_tags[0] == "hparams/best_loss_val"  # the column runs are chosen by comes first
+        assert {"hparams/test_accuracy", "hparams/acc_val", "hparams/loss_val"} <= set(metric_tags)
+        best = json.loads((sweep / run / "metrics.json").read_text())["best_checkpoint"]["score"]
+        assert events.Scalars("hparams/best_loss_val")[-1].value == pytest.approx(best)
         for tag in metric_tags:  # every HParams metric column has its value in the run
             assert events.Scalars(tag)
 

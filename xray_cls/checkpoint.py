@@ -68,6 +68,9 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
             return f"net.{key} is {_kind(value)}, not a number, string, boolean, None or a list of those"
     if type(hparams.get("threshold", 0.5)) not in (int, float):
         return f"threshold is {_kind(hparams['threshold'])}, not a number"
+    temperature = hparams.get("temperature", 1.0)
+    if type(temperature) not in (int, float) or not 0 < temperature < float("inf"):
+        return f"temperature is {_kind(temperature) if type(temperature) not in (int, float) else temperature}, not a positive number"
     if type(hparams.get("pos_weight")) not in (int, float, type(None)):
         return f"pos_weight is {_kind(hparams['pos_weight'])}, not a number or None"
     for group in ("preprocessing", "threshold_rule"):
@@ -96,12 +99,12 @@ def _kind(value: Any) -> str:
 
 
 def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
-    """The trained classifier of a checkpoint, in eval mode, with its preprocessing and threshold."""
+    """The trained classifier of a checkpoint, in eval mode, with its preprocessing, threshold and temperature."""
     from xray_cls.classifier import XrayClassifier
 
     checkpoint = read_checkpoint(path, option)
     hparams = checkpoint["hyper_parameters"]
-    trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule")  # never optimizer or scheduler
+    trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule", "temperature")  # never optimizer or scheduler
     try:
         module = XrayClassifier(**{key: hparams[key] for key in trusted if key in hparams})
         module.load_state_dict(checkpoint["state_dict"])
@@ -116,13 +119,14 @@ def network_name(net_cfg: Any) -> str:
     return str(net_cfg.get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def record_threshold(path: Path, checkpoint: dict[str, Any], threshold: dict[str, Any]) -> None:
-    """Store the run's chosen threshold in its checkpoint (`checkpoint`, as read from `path`), so
-    that `predict` and `evaluate` use it.
+def record_val_choices(path: Path, checkpoint: dict[str, Any], threshold: dict[str, Any], temperature: float) -> None:
+    """Store what the run chose on val in its checkpoint (`checkpoint`, as read from `path`): the
+    threshold and the temperature, so that `predict` and `evaluate` use them.
 
     Written to a temporary name and renamed: the checkpoint is never left half-written.
     """
     checkpoint["hyper_parameters"]["threshold"] = threshold["threshold"]
     checkpoint["hyper_parameters"]["threshold_rule"] = threshold
+    checkpoint["hyper_parameters"]["temperature"] = float(temperature)
     with atomic_write(path) as tmp:
         torch.save(checkpoint, tmp)

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import CatMetric, MeanMetric, Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.classification import (
     BinaryAccuracy,
@@ -60,6 +60,8 @@ class XrayClassifier(L.LightningModule):
     to evaluate or predict, which never trains).
     `preprocessing` (image_size, in_channels, mean, std of the train split) travels with it, so a
     trained model prepares new images as it was trained, whatever the current config says.
+    `temperature` divides the logits of every probability it reports (test, predict, evaluate):
+    1 unless the run fitted temperature scaling on val (calibration=temperature).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class XrayClassifier(L.LightningModule):
         pos_weight: float | None = None,
         preprocessing: dict[str, Any] | None = None,
         threshold_rule: dict[str, Any] | None = None,  # how `threshold` was chosen, once it was
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its own curated hparams
@@ -95,8 +98,10 @@ class XrayClassifier(L.LightningModule):
         self.test_confusion = BinaryConfusionMatrix(threshold=threshold)
         self.test_roc = BinaryROC()
         self.test_pr_curve = BinaryPrecisionRecallCurve()
+        self.test_logits = CatMetric()
         self.test_results: dict[str, Any] = {}
         self.threshold = threshold
+        self.temperature = float(temperature)
 
     def set_threshold(self, threshold: float) -> None:
         """The threshold the test metrics call PNEUMONIA above (chosen on val after training)."""
@@ -105,15 +110,24 @@ class XrayClassifier(L.LightningModule):
             if hasattr(metric, "threshold"):
                 metric.threshold = threshold
 
+    def set_temperature(self, temperature: float) -> None:
+        """The temperature that calibrates the probabilities (fitted on val after training)."""
+        self.temperature = float(temperature)
+        self.hparams.temperature = self.temperature
+
     @torch.no_grad()
-    def predict_probabilities(self, images: Tensor, batch_size: int = 256) -> Tensor:
-        """Probabilities of PNEUMONIA for preprocessed images, in eval mode, batch by batch."""
+    def predict_logits(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """Logits of preprocessed images before temperature scaling, in eval mode, batch by batch."""
         was_training = self.training
         self.eval()
         try:
-            return torch.cat([torch.sigmoid(self.float32_logits(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+            return torch.cat([self.float32_logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         finally:
             self.train(was_training)
+
+    def predict_probabilities(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """Calibrated probabilities of PNEUMONIA for preprocessed images."""
+        return torch.sigmoid(self.predict_logits(images, batch_size) / self.temperature)
 
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":  # tensor cores want NHWC; the conv outputs follow the weights
@@ -130,8 +144,12 @@ class XrayClassifier(L.LightningModule):
             return self(images.to(self.dtype)).float()
 
     def _step(self, batch: tuple[Tensor, Tensor], float32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss, probabilities, labels. float32 (the test): calibrated, in float32 (see float32_logits)."""
         images, labels = batch
-        logits = self.float32_logits(images) if float32 else self(images).float()
+        logits = self.float32_logits(images) / self.temperature if float32 else self(images).float()
+        return self._scored(logits, labels)
+
+    def _scored(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.loss(logits, labels.float()), torch.sigmoid(logits), labels
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -166,7 +184,10 @@ class XrayClassifier(L.LightningModule):
         self.val_auroc.reset()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, probs, labels = self._step(batch, float32=True)
+        images, labels = batch
+        logits = self.float32_logits(images)  # before temperature scaling: the test's uncalibrated ECE
+        loss, probs, labels = self._scored(logits / self.temperature, labels)
+        self.test_logits.update(logits)
         self.test_loss.update(loss, weight=len(labels))
         for metric in (self.test_scores, self.test_confusion, self.test_roc, self.test_pr_curve):
             metric.update(probs, labels)
@@ -187,8 +208,9 @@ class XrayClassifier(L.LightningModule):
             "confusion_matrix": self.test_confusion.compute().tolist(),  # [[TN, FP], [FN, TP]]
             "roc": (fpr.cpu(), tpr.cpu()),
             "pr_curve": (precision.cpu(), recall.cpu()),
+            "logits": self.test_logits.compute().reshape(-1).cpu(),  # uncalibrated, in the order of probs
         }
-        for metric in (self.test_loss, self.test_scores, self.test_confusion, self.test_roc, self.test_pr_curve):
+        for metric in (self.test_loss, self.test_scores, self.test_confusion, self.test_roc, self.test_pr_curve, self.test_logits):
             metric.reset()
 
     def configure_optimizers(self) -> Any:

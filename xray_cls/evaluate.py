@@ -1,4 +1,8 @@
-"""`python -m xray_cls.evaluate ckpt=... [data=...] [split=test]`: a trained model's test metrics on any data.
+"""`python -m xray_cls.evaluate ckpt=... [data=...] [split=test] [tta=true]`: a trained model's test metrics on any data.
+
+`ckpt=[a.ckpt,b.ckpt,c.ckpt]` evaluates the ensemble of their averaged probabilities, and
+`tta=true` averages over shifted views of each image (see xray_cls.ensemble); the threshold of an
+average is chosen on val by the first checkpoint's threshold rule.
 
 The model prepares images as it was trained: image size, geometry (crop or stretch) and
 normalization come from its checkpoint, not from `data.*`. The output folder (`outputs/evaluate/<date>/<time>/`) gets
@@ -25,27 +29,32 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from xray_cls import run_report
-    from xray_cls.checkpoint import load_classifier
     from xray_cls.data import trained_geometry
+    from xray_cls.ensemble import TTA_VIEWS, checkpoint_paths, describe, load_averaged
 
     quiet_libraries()
     require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
     out_dir = Path(cfg.paths.output_dir)
     refuse_existing(out_dir / "metrics.json", "an evaluation", "paths.output_dir")
-    module = load_classifier(cfg.ckpt)
+    paths = checkpoint_paths(cfg.ckpt)
+    tta = bool(cfg.get("tta", False))
+    averaged = len(paths) > 1 or tta
+    module = load_averaged(paths, tta)
     preprocessing = module.hparams.preprocessing
+    geometry = trained_geometry(preprocessing, paths[0])
     threshold = module.hparams.threshold_rule or {"rule": "fixed", "threshold": module.hparams.threshold}
     if cfg.threshold is not None:
         threshold = {"rule": "fixed", "threshold": float(cfg.threshold)}
+    elif averaged:  # the members' thresholds were chosen for them alone
+        threshold = averaged_threshold(cfg, module, paths[0], geometry)
     module.set_threshold(threshold["threshold"])
 
-    geometry = trained_geometry(preprocessing, cfg.ckpt)
     datamodule = instantiate(
         cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], geometry=geometry, aug="none"
     )
-    recorded_val = recorded_val_split(Path(cfg.ckpt)) if cfg.split == "val" else None
+    recorded_val = recorded_val_split(Path(paths[0])) if cfg.split == "val" else None
     if cfg.split == "val" and recorded_val is None and cfg.data.get("root"):
-        log.warning("%s records no val split drawn from train: a val split drawn from data.root is new to it", cfg.ckpt)
+        log.warning("%s records no val split drawn from train: a val split drawn from data.root is new to it", paths[0])
     datamodule.evaluate_split(cfg.split, recorded_val)
     datamodule.setup("test")
     datamodule.use_preprocessing(preprocessing)
@@ -59,7 +68,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         enable_model_summary=False,
     )
     evaluation = {
-        "checkpoint": str(cfg.ckpt),
+        "checkpoint": paths[0] if not averaged else None,
+        **({"ensemble": {"checkpoints": paths, "tta": tta, "tta_views": TTA_VIEWS if tta else 1}} if averaged else {}),
         "split": cfg.split,
         "data": {k: v for k, v in cfg.data.items() if k in ("_target_", "path", "root")},
         "preprocessing": preprocessing,
@@ -67,10 +77,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tensorboard = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")
     metrics = run_report.test_and_report(
         trainer, module, datamodule, threshold, cfg, out_dir, evaluation, [tensorboard],
-        title=f"{cfg.split.capitalize()} results of {cfg.ckpt}", gradcam=cfg.split == "test",
+        title=f"{cfg.split.capitalize()} results of {paths[0] if not averaged else describe(paths, tta)}",
+        gradcam=cfg.split == "test" and not averaged,  # Grad-CAM explains one network
     )
     log.info("evaluation folder: %s", out_dir)
     return metrics
+
+
+def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) -> dict[str, Any]:
+    """The threshold of averaged probabilities, chosen on the val split (of data.*, or the one the
+    first checkpoint's run drew from train) by the first checkpoint's threshold rule."""
+    from hydra.utils import instantiate
+
+    from xray_cls.metrics import choose_threshold
+
+    rule = (module.hparams.threshold_rule or {}).get("rule", "fixed")
+    prep = module.hparams.preprocessing
+    val_data = instantiate(cfg.data, seed=cfg.seed, image_size=prep["image_size"], geometry=geometry, aug="none")
+    val_data.evaluate_split("val", recorded_val_split(Path(first)))
+    val_data.setup("test")
+    val_data.use_preprocessing(prep)
+    val = val_data.splits["val"]
+    probs = module.predict_probabilities(val_data.preprocess(val.images.to(module.device)))
+    chosen = choose_threshold(rule, probs.cpu(), val.labels.cpu(), module.hparams.threshold, cfg.target_sensitivity)
+    log.info("threshold %.4f of the averaged probabilities (%s rule on %d val images)", chosen["threshold"], rule, len(val))
+    return chosen
 
 
 def recorded_val_split(ckpt: Path) -> list[str] | None:

@@ -33,15 +33,16 @@ INPUT_NAME, OUTPUT_NAME = "images", "probability"
 class ProbabilityModel(nn.Module):
     """uint8 images (N, C, H, W) -> probability of PNEUMONIA (N,), normalizing as the run trained."""
 
-    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, net: nn.Module, mean: float, std: float, temperature: float = 1.0) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))  # the run's calibration
 
     def forward(self, images: Tensor) -> Tensor:
         x = (images.float() / 255 - self.mean) / self.std  # as xray_cls.data.normalize
-        return torch.sigmoid(self.net(x))
+        return torch.sigmoid(self.net(x) / self.temperature)
 
 
 def export(cfg: DictConfig) -> Path:
@@ -57,7 +58,7 @@ def export(cfg: DictConfig) -> Path:
     refuse_existing(out_dir / SIDECAR, "an exported model", "paths.output_dir")
     module = load_classifier(cfg.ckpt)
     prep = module.hparams.preprocessing
-    model = ProbabilityModel(module.net, prep["mean"], prep["std"]).eval()
+    model = ProbabilityModel(module.net, prep["mean"], prep["std"], module.temperature).eval()
     example = torch.zeros(2, prep["in_channels"], prep["image_size"], prep["image_size"], dtype=torch.uint8)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,7 @@ def export(cfg: DictConfig) -> Path:
         "threshold_rule": module.hparams.threshold_rule,
         "class_names": list(prep["class_names"]),
         "normalization": {"mean": prep["mean"], "std": prep["std"], "note": "applied inside the model"},
+        "temperature": {"value": module.temperature, "note": "applied inside the model (1: uncalibrated)"},
         "network": network_name(module.hparams.net),
         "checkpoint": str(cfg.ckpt),
     }

@@ -134,11 +134,22 @@ def log_params(loggers: list[Logger], hparams: dict[str, Any]) -> None:
 
 
 def log_results(loggers: list[Logger], metrics: dict[str, Any]) -> None:
-    """At the end of the run: TensorBoard's HParams entry (the settings with the test and last val
-    metrics), then every logger is closed. The other loggers already have the test metrics."""
-    hp_metrics = {f"hparams/test_{k}": v for k, v in metrics["test"].items()}
+    """At the end of the run: TensorBoard's HParams entry, then every logger is closed. The other
+    loggers already have the test metrics.
+
+    The HParams table's first metric column is the one to choose runs by: the score of the
+    checkpoint each run chose on val (`hparams/best_<monitor>`, e.g. hparams/best_auroc_val; the
+    `checkpoint` hparam says which monitor and mode). The last epoch's val metrics and the test
+    metrics follow, to be read, not to choose by."""
+    best = metrics.get("best_checkpoint") or {}
+    hp_metrics = {f"hparams/best_{best['monitor'].replace('/', '_')}": best["score"]} if best.get("score") is not None else {}
     hp_metrics.update({f"hparams/{k.replace('/', '_')}": v for k, v in metrics.get("last_epoch", {}).items() if k.endswith("/val")})
+    hp_metrics.update({f"hparams/test_{k}": v for k, v in metrics["test"].items()})
+    eces = {k: v for k, v in (metrics.get("calibration") or {}).items() if "_ece" in k}  # val_ece, test_ece, ...
+    hp_metrics.update({f"hparams/{k}": v for k, v in eces.items()})
     for logger in loggers:
+        if eces:
+            logger.log_metrics({f"calibration/{k}": v for k, v in eces.items()})
         if isinstance(logger, TensorBoardLogger) and "hparams" in metrics:  # evaluate's metrics have none
             logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
         logger.finalize("success")

@@ -64,3 +64,50 @@ def bootstrap_intervals(
     tail = (1 - confidence) / 2
     levels = torch.tensor([tail, 1 - tail], dtype=torch.float64)
     return {name: torch.quantile(v.double(), levels).tolist() for name, v in values.items()}
+
+
+CALIBRATION_BINS = 15  # equal-width bins of the predicted probability, for the ECE and the reliability diagram
+TEMPERATURE_RANGE = (0.01, 100.0)  # a val split the model separates perfectly drives the fit to 0
+
+
+def calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error of the probabilities of PNEUMONIA: the image-weighted mean gap,
+    over equal-width bins, between the mean probability and the fraction of PNEUMONIA images."""
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    return float(binary_calibration_error(probs.float(), labels.long(), n_bins=bins, norm="l1", validate_args=False))
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> dict[str, list]:
+    """What a reliability diagram draws: per equal-width bin of the probability, its image count,
+    mean probability and fraction of PNEUMONIA images (None in empty bins)."""
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    p, y = probs.double(), labels.double()
+    index = (torch.bucketize(p, edges, right=True) - 1).clamp(0, bins - 1)  # 1.0 falls in the last bin
+    count = torch.zeros(bins, dtype=torch.float64).scatter_add_(0, index, torch.ones_like(p))
+    prob_sum = torch.zeros(bins, dtype=torch.float64).scatter_add_(0, index, p)
+    positive = torch.zeros(bins, dtype=torch.float64).scatter_add_(0, index, y)
+    mean = [s / n if n else None for s, n in zip(prob_sum.tolist(), count.tolist())]
+    fraction = [s / n if n else None for s, n in zip(positive.tolist(), count.tolist())]
+    return {"edges": edges.tolist(), "count": [int(n) for n in count.tolist()], "mean_probability": mean, "fraction_positive": fraction}
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017): the T for which sigmoid(logits / T) has the lowest
+    cross-entropy on these (val) labels, fitted by LBFGS on log T; kept within TEMPERATURE_RANGE."""
+    import math
+
+    x, y = logits.detach().double().flatten(), labels.detach().double().flatten()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    low, high = TEMPERATURE_RANGE
+    temperature = math.exp(log_t.item())
+    return min(max(temperature, low), high) if math.isfinite(temperature) else high

@@ -1,4 +1,8 @@
-"""`python -m xray_cls.predict ckpt=... input=IMAGE_OR_FOLDER [gradcam=true]`: a trained model on new images.
+"""`python -m xray_cls.predict ckpt=... input=IMAGE_OR_FOLDER [gradcam=true] [tta=true]`: a trained model on new images.
+
+`ckpt=[a.ckpt,b.ckpt]` and `tta=true` average probabilities as `evaluate` does (xray_cls.ensemble);
+their threshold is `threshold=` (the one `evaluate` chose on val for the same average), else the
+first checkpoint's, with a warning.
 
 Writes predictions.csv (path, probability of PNEUMONIA, label at the run's threshold) to its
 output folder (`outputs/predict/<date>/<time>/`), and with gradcam=true one overlay PNG per image
@@ -94,8 +98,8 @@ def save_overlay(path: Path, cam: Any, geometry: str, target: Path) -> None:
 def predict(cfg: DictConfig) -> Path:
     """Predict every image of `cfg.input`; returns the path of predictions.csv."""
 
-    from xray_cls.checkpoint import load_classifier
     from xray_cls.data import CLASS_NAMES, normalize, trained_geometry
+    from xray_cls.ensemble import checkpoint_paths, load_averaged
     from xray_cls.gradcam import grad_cam, last_conv_layer
 
     quiet_libraries()
@@ -104,15 +108,25 @@ def predict(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.paths.output_dir)
     csv_path = out_dir / "predictions.csv"
     refuse_existing(csv_path, "predictions", "paths.output_dir")
-    module = load_classifier(cfg.ckpt)
+    paths = checkpoint_paths(cfg.ckpt)
+    tta = bool(cfg.get("tta", False))
+    averaged = len(paths) > 1 or tta
+    if cfg.gradcam and averaged:
+        raise UserInputError("gradcam=true explains one network; it cannot be combined with a list of checkpoints or tta=true")
+    module = load_averaged(paths, tta)
     if cfg.gradcam and last_conv_layer(module.net) is None:
         raise UserInputError(
             f"gradcam=true needs a network with convolution layers; the {type(module.net).__name__} of "
             f"ckpt={cfg.ckpt} has none (train model=cnn or model=resnet, or leave gradcam=false)"
         )
     prep = module.hparams.preprocessing
-    geometry = trained_geometry(prep, cfg.ckpt)
+    geometry = trained_geometry(prep, paths[0])
     threshold = float(cfg.threshold) if cfg.threshold is not None else module.hparams.threshold
+    if averaged and cfg.threshold is None:
+        log.warning(
+            "threshold %.4f is the one ckpt=%s chose for itself; for the averaged probabilities pass the threshold "
+            "that `python -m xray_cls.evaluate` chooses on val for the same ckpt and tta (threshold=...)", threshold, paths[0],
+        )
     if cfg.batch_size < 1:
         raise UserInputError(f"batch_size={cfg.batch_size!r} is not valid; expected a positive integer")
     input_path = Path(cfg.input).expanduser()

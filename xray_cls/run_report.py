@@ -92,6 +92,27 @@ def evaluation_metrics(
     return metrics
 
 
+def calibration_metrics(results: dict[str, Any], temperature: float, val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+    """metrics.json's `calibration`: the temperature, the ECE of the probabilities as reported (and
+    before temperature scaling, when there is one) on test and, for a run, on val; and the bins of
+    each reliability diagram."""
+    from xray_cls.metrics import CALIBRATION_BINS, calibration_error, reliability_bins
+
+    splits = {"test": (results["logits"], results["labels"])}
+    if val is not None:
+        splits["val"] = val
+    section: dict[str, Any] = {"bins": CALIBRATION_BINS, "temperature": temperature}
+    for name, (logits, labels) in splits.items():
+        probs = torch.sigmoid(logits.double() / temperature)
+        section[f"{name}_ece"] = calibration_error(probs, labels)
+        if temperature != 1.0:
+            section[f"{name}_ece_uncalibrated"] = calibration_error(torch.sigmoid(logits.double()), labels)
+    section["reliability"] = {
+        name: reliability_bins(torch.sigmoid(logits.double() / temperature), labels) for name, (logits, labels) in splits.items()
+    }
+    return section
+
+
 def confusion_cells(matrix: list[list[int]]) -> dict[str, int]:
     (tn, fp), (fn, tp) = matrix
     return {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
@@ -137,6 +158,27 @@ def curve_figure(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, tit
     return fig
 
 
+def reliability_figure(calibration: dict[str, Any]) -> Figure:
+    """Fraction of PNEUMONIA images against the mean probability, per bin, for test (and val)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfectly calibrated")
+    for name, bins in calibration["reliability"].items():
+        points = [(m, f) for m, f in zip(bins["mean_probability"], bins["fraction_positive"]) if m is not None]
+        ax.plot(*zip(*points), marker="o", label=f"{name} (ECE {calibration[f'{name}_ece']:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("mean predicted probability of PNEUMONIA")
+    ax.set_ylabel("fraction PNEUMONIA")
+    temperature = calibration["temperature"]
+    ax.set_title(f"reliability, {calibration['bins']} bins" + (f", temperature {temperature:.3f}" if temperature != 1 else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+    return fig
+
+
 def make_test_figures(results: dict[str, Any], class_names: list[str]) -> dict[str, Figure]:
     fpr, tpr = results["roc"]
     precision, recall = results["pr_curve"]
@@ -163,6 +205,7 @@ def format_test_table(metrics: dict[str, Any], title: str = "Test results") -> s
         f"{title}: {metrics['n_test']} images, positive class {metrics['positive_class']}, "
         f"threshold {metrics['threshold']:.4f} ({_rule_text(metrics)})",
         *(f"  {label:<22}{metrics['test'][key]:.4f}{_interval(metrics, key)}" for key, label in SCORE_LABELS.items()),
+        *_calibration_lines(metrics),
         "  confusion matrix (rows true, columns predicted):",
         f"  {'':<{width}}{names[0]:>{width}}{names[1]:>{width}}",
         f"  {names[0]:<{width}}{tn:>{width}}{fp:>{width}}",
@@ -179,6 +222,16 @@ def _rule_text(metrics: dict[str, Any]) -> str:
         f"{rule['rule']} rule on val: val sensitivity {rule['val_sensitivity']:.4f}, "
         f"specificity {rule['val_specificity']:.4f}"
     )
+
+
+def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
+    calibration = metrics.get("calibration")
+    if not calibration:
+        return []
+    line = f"  {'ECE (' + str(calibration['bins']) + ' bins)':<22}{calibration['test_ece']:.4f}"
+    if "test_ece_uncalibrated" in calibration:
+        line += f"  (temperature {calibration['temperature']:.4f}; {calibration['test_ece_uncalibrated']:.4f} before)"
+    return [line]
 
 
 def _interval(metrics: dict[str, Any], key: str) -> str:
@@ -200,19 +253,23 @@ def test_and_report(
     loggers: list[Any],
     title: str = "Test results",
     gradcam: bool = True,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Test `module` on the datamodule's test split and leave what a run and `evaluate` leave: the
-    figures (PNG and every logger), metrics.json (the test part, then `extra`) and the console
-    table. Every process tests (the metrics are reduced across them); the first one writes."""
+    figures (PNG and every logger), metrics.json (the test part, calibration, then `extra`) and the
+    console table. `val`: a run's val logits and labels, for their ECE and reliability diagram.
+    Every process tests (the metrics are reduced across them); the first one writes."""
     from xray_cls.files import write_json
     from xray_cls.gradcam import gradcam_sample_figure
     from xray_cls.loggers import log_figures, log_results
 
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = module.test_results
-    metrics = {**evaluation_metrics(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed), **extra}
+    metrics = evaluation_metrics(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed)
+    metrics = {**metrics, "calibration": calibration_metrics(results, module.temperature, val), **extra}
     if trainer.is_global_zero:
         figures = make_test_figures(results, metrics["class_names"])
+        figures["reliability_diagram"] = reliability_figure(metrics["calibration"])
         if gradcam and cfg.gradcam_samples > 0:
             figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
         save_figures(figures, out_dir / "figures")

@@ -24,24 +24,29 @@ from xray_cls.files import write_text
 
 log = logging.getLogger(__name__)
 
-# (key, header, which value is best); the keys are summary.csv's columns after run/status/overrides.
+# (key, header); the keys are summary.csv's columns after run/status/overrides/val_rank. Runs are
+# ranked by best_val alone, the score of the checkpoint each run chose on val: the train and val
+# columns of the last epoch and the test columns are reported, never compared.
 METRIC_COLUMNS = [
-    ("params", "params", None),
-    ("train_loss", "train loss", "min"),
-    ("train_acc", "train acc", "max"),
-    ("val_loss", "val loss", "min"),
-    ("val_acc", "val acc", "max"),
-    ("tn", "TN", None),
-    ("fp", "FP", "min"),
-    ("fn", "FN", "min"),
-    ("tp", "TP", None),
-    ("accuracy", "accuracy", "max"),
-    ("precision", "precision", "max"),
-    ("recall", "recall", "max"),
-    ("specificity", "specificity", "max"),
-    ("f1", "F1", "max"),
-    ("auroc", "AUROC", "max"),
+    ("best_val", "best val score"),
+    ("params", "params"),
+    ("train_loss", "train loss (last epoch)"),
+    ("train_acc", "train acc (last epoch)"),
+    ("val_loss", "val loss (last epoch)"),
+    ("val_acc", "val acc (last epoch)"),
+    ("threshold", "threshold"),
+    ("tn", "TN"),
+    ("fp", "FP"),
+    ("fn", "FN"),
+    ("tp", "TP"),
+    ("accuracy", "test accuracy"),
+    ("precision", "test precision"),
+    ("recall", "test recall"),
+    ("specificity", "test specificity"),
+    ("f1", "test F1"),
+    ("auroc", "test AUROC"),
 ]
+TEST_SCORES = ["accuracy", "precision", "recall", "specificity", "f1", "auroc"]
 BAR_METRICS = ["accuracy", "precision", "recall", "specificity"]
 
 
@@ -57,17 +62,55 @@ class Run:
     def row(self) -> dict[str, Any]:
         m = self.metrics
         if not m:
-            return {key: None for key, _, _ in METRIC_COLUMNS}
+            return {key: None for key, _ in METRIC_COLUMNS}
         last, cells = m["last_epoch"], m["confusion_matrix"]
         return {
+            "best_val": m["best_checkpoint"]["score"],
             "params": m["params"]["total"],
             "train_loss": last.get("loss/train"),
             "train_acc": last.get("acc/train"),
             "val_loss": last.get("loss/val"),
             "val_acc": last.get("acc/val"),
+            "threshold": m["threshold"],
             **{k: cells[k] for k in ("tn", "fp", "fn", "tp")},
-            **{k: m["test"][k] for k in ("accuracy", "precision", "recall", "specificity", "f1", "auroc")},
+            **{k: m["test"][k] for k in TEST_SCORES},
         }
+
+    def val_choice(self) -> tuple[str, str, float] | None:
+        """(monitor, mode, best checkpoint's score) of a finished run that has a best checkpoint."""
+        if self.status != "ok" or self.metrics["best_checkpoint"]["score"] is None:
+            return None
+        best = self.metrics["best_checkpoint"]
+        mode = best.get("mode") or ("min" if "loss" in best["monitor"] else "max")  # metrics.json before `mode`
+        return best["monitor"], mode, best["score"]
+
+
+@dataclass
+class Ranking:
+    """The runs ordered by the val metric that chose their checkpoints, best first."""
+
+    monitor: str | None  # None when the runs chose by different val metrics: then nothing is ranked
+    mode: str | None
+    ranked: list[Run]
+    why_unranked: str = ""
+
+    def rank(self, run: Run) -> int | None:
+        return next((i + 1 for i, ranked in enumerate(self.ranked) if ranked is run), None)
+
+
+def rank_on_val(runs: list[Run]) -> Ranking:
+    """Ranks the finished runs by their best checkpoint's val score (ties keep the job order)."""
+    choices = {r.name: r.val_choice() for r in runs}
+    scored = [r for r in runs if choices[r.name] is not None]
+    metrics = sorted({choices[r.name][:2] for r in scored})
+    if not scored:
+        return Ranking(None, None, [], "no run finished with a best checkpoint")
+    if len(metrics) > 1:
+        named = ", ".join(f"{m} ({mode})" for m, mode in metrics)
+        return Ranking(None, None, [], f"the runs chose their checkpoints by different val metrics: {named}")
+    monitor, mode = metrics[0]
+    ranked = sorted(scored, key=lambda r: choices[r.name][2] * (-1 if mode == "max" else 1))
+    return Ranking(monitor, mode, ranked)
 
 
 def find_run_dirs(sweep_dir: Path) -> list[Path]:
@@ -105,15 +148,6 @@ def varying_overrides(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     return common, [[o for o in r.overrides if o not in common] for r in runs]
 
 
-def best_values(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    best = {}
-    for key, _, better in METRIC_COLUMNS:
-        values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
-        if better and values:
-            best[key] = max(values) if better == "max" else min(values)
-    return best
-
-
 def _cell(value: Any, is_best: bool) -> str:
     if value is None:
         return ""
@@ -124,32 +158,45 @@ def _cell(value: Any, is_best: bool) -> str:
 def write_summary_csv(path: Path, runs: list[Run]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "status", "overrides", *(k for k, _, _ in METRIC_COLUMNS), "error"])
+        writer.writerow(["run", "status", "overrides", "val_rank", *(k for k, _ in METRIC_COLUMNS), "error"])
+        ranking = rank_on_val(runs)
         for run in runs:
             row = run.row()
-            writer.writerow([run.name, run.status, " ".join(run.overrides), *(row[k] for k, _, _ in METRIC_COLUMNS), run.error])
+            writer.writerow(
+                [run.name, run.status, " ".join(run.overrides), ranking.rank(run), *(row[k] for k, _ in METRIC_COLUMNS), run.error]
+            )
 
 
 def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], figures: list[str]) -> None:
     common, varying = varying_overrides(runs)
-    rows = [run.row() for run in runs]
-    best = best_values(rows)
+    own = {run.name: overrides for run, overrides in zip(runs, varying)}
+    ranking = rank_on_val(runs)
+    order = ranking.ranked + [r for r in runs if r not in ranking.ranked]
     n_ok = sum(r.status == "ok" for r in runs)
+    if ranking.monitor:
+        how = (
+            f"Runs are ranked by {ranking.monitor} ({ranking.mode}) of the checkpoint each one chose on val (best val "
+            "score); the best is in bold. The last epoch's train and val columns and every test column are reported, "
+            "not ranked: test figures are never the basis of a choice."
+        )
+    else:
+        how = f"No run is ranked: {ranking.why_unranked}."
     lines = [
         f"# Sweep report: {sweep_dir.name}",
         "",
         f"{len(runs)} runs: {n_ok} finished, {sum(r.status == 'failed' for r in runs)} failed, "
-        f"{sum(r.status == 'incomplete' for r in runs)} incomplete. Test metrics are of each run's best "
-        "checkpoint; train and val columns are of its last epoch. The best value of each column is in bold.",
+        f"{sum(r.status == 'incomplete' for r in runs)} incomplete. {how}",
         "",
         f"Overrides common to all runs: `{' '.join(common)}`" if common else "No overrides common to all runs.",
         "",
-        "| run | overrides | status | " + " | ".join(h for _, h, _ in METRIC_COLUMNS) + " |",
-        "|" + " --- |" * (3 + len(METRIC_COLUMNS)),
+        *chosen_on_val(ranking, own),
+        "| val rank | run | overrides | status | " + " | ".join(h for _, h in METRIC_COLUMNS) + " |",
+        "|" + " --- |" * (4 + len(METRIC_COLUMNS)),
     ]
-    for run, own, row in zip(runs, varying, rows):
-        cells = [_cell(row[k], row[k] is not None and row[k] == best.get(k)) for k, _, _ in METRIC_COLUMNS]
-        lines.append(f"| {run.name} | `{' '.join(own)}` | {run.status} | " + " | ".join(cells) + " |")
+    for run in order:
+        row, rank = run.row(), ranking.rank(run)
+        cells = [_cell(row[k], k == "best_val" and rank == 1) for k, _ in METRIC_COLUMNS]
+        lines.append(f"| {rank or ''} | {run.name} | `{' '.join(own[run.name])}` | {run.status} | " + " | ".join(cells) + " |")
     problems = [r for r in runs if r.status != "ok"]
     if problems:
         lines += ["", "## Runs without results", ""]
@@ -158,6 +205,25 @@ def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], figures: list[s
         lines += ["", "## Figures", ""]
         lines += [f"![{name.removesuffix('.png').replace('_', ' ')}](figures/{name})" for name in figures]
     write_text(path, "\n".join(lines) + "\n")
+
+
+def chosen_on_val(ranking: Ranking, own: dict[str, list[str]]) -> list[str]:
+    """The run chosen on val and its test figures, reported once."""
+    if not ranking.ranked:
+        return []
+    run = ranking.ranked[0]
+    m = run.metrics
+    scores = ", ".join(f"{name} {m['test'][name]:.4f}" for name in TEST_SCORES)
+    rule = m["threshold_rule"]["rule"]
+    return [
+        "## Chosen on val",
+        "",
+        f"Run {run.name} (`{' '.join(own[run.name]) or 'no own overrides'}`): {ranking.monitor} "
+        f"{m['best_checkpoint']['score']:.4f} at its best checkpoint, the {'lowest' if ranking.mode == 'min' else 'highest'} "
+        f"of {len(ranking.ranked)} finished run(s).",
+        f"Its test figures, at threshold {m['threshold']:.4f} ({rule}): {scores}.",
+        "",
+    ]
 
 
 def curves_figure(runs: list[Run], tag: str, ylabel: str) -> Any:

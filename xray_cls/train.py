@@ -36,13 +36,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from xray_cls import run_report
-    from xray_cls.checkpoint import record_threshold
+    from xray_cls.checkpoint import record_val_choices
     from xray_cls.classifier import XrayClassifier
     from xray_cls.loggers import log_params
     from xray_cls.resume import ResumableTraining, check_same_network, requeued_checkpoint, resume_folder, warn_config_changes
     from xray_cls.slurm import slurm_job
 
     quiet_libraries()
+    calibration_method(cfg)  # a typo is refused before training, not after it
     asked_to_resume = bool(cfg.get("ckpt_path"))
     resume_from = Path(cfg.ckpt_path).expanduser() if asked_to_resume else requeued_checkpoint(cfg)
     if resume_from is not None:  # the run carries on in its own folder: checkpoints, loggers, curves.csv
@@ -91,19 +92,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.load_state_dict(best["state_dict"])
     else:  # e.g. stopped by max_steps before the first validation
         log.warning("no checkpoint has a %s score: testing the weights of the last step", cfg.checkpoint.monitor)
-    threshold = decide_threshold(cfg, module, datamodule)
+    val = val_predictions(module, datamodule)  # calibration, then the threshold on calibrated val probabilities
+    module.set_temperature(fit_calibration(cfg, *val))
+    threshold = decide_threshold(cfg, torch.sigmoid(val[0] / module.temperature), val[1])
     module.set_threshold(threshold["threshold"])
-    if trainer.is_global_zero:  # so that predict and evaluate apply the run's threshold, with either checkpoint
+    if trainer.is_global_zero:  # so that predict and evaluate apply the run's choices, with either checkpoint
         if best_path is not None:
-            record_threshold(best_path, best, threshold)
+            record_val_choices(best_path, best, threshold, module.temperature)
         last_path = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
         if last_path is not None and last_path != best_path and last_path.is_file():
-            record_threshold(last_path, torch.load(last_path, map_location="cpu", weights_only=True), threshold)
+            last = torch.load(last_path, map_location="cpu", weights_only=True)
+            record_val_choices(last_path, last, threshold, module.temperature)
     run = {
         "last_epoch": last_epoch,
         "best_checkpoint": {
             "path": str(best_path.relative_to(out_dir)) if best_path else None,
             "monitor": cfg.checkpoint.monitor,
+            "mode": cfg.checkpoint.mode,
             "score": float(checkpoint.best_model_score) if best_path else None,
         },
         "params": run_report.parameter_counts(module.net),
@@ -113,7 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "slurm": slurm_job(),
         "hparams": hparams,
     }
-    metrics = run_report.test_and_report(trainer, module, datamodule, threshold, cfg, out_dir, run, trainer.loggers)
+    metrics = run_report.test_and_report(trainer, module, datamodule, threshold, cfg, out_dir, run, trainer.loggers, val=val)
     log.info("run folder: %s", out_dir)
     return metrics
 
@@ -144,13 +149,43 @@ def log_to_run_folder(run_dir: Path) -> None:
     logging.getLogger().addHandler(handler)
 
 
-def decide_threshold(cfg: DictConfig, module: Any, datamodule: Any) -> dict[str, Any]:
-    """The test threshold by `threshold_rule`, from the module's predictions on val only."""
+CALIBRATIONS = ("none", "temperature")
+
+
+def val_predictions(module: Any, datamodule: Any) -> tuple[Any, Any]:
+    """The module's logits (before any temperature) and the labels of the val split."""
+    val = datamodule.splits["val"]
+    logits = module.predict_logits(datamodule.preprocess(val.images.to(module.device)))
+    return logits.cpu(), val.labels.cpu()
+
+
+def fit_calibration(cfg: DictConfig, val_logits: Any, val_labels: Any) -> float:
+    """The temperature by `calibration`: 1 (none), or temperature scaling fitted on val only."""
+    from xray_cls.metrics import TEMPERATURE_RANGE, calibration_error, fit_temperature
+
+    if calibration_method(cfg) == "none":
+        return 1.0
+    temperature = fit_temperature(val_logits, val_labels)
+    if temperature in TEMPERATURE_RANGE:
+        log.warning("the temperature fitted on val reached the limit %s: val may be too small or too easy", temperature)
+    before = calibration_error(val_logits.sigmoid(), val_labels)
+    after = calibration_error((val_logits / temperature).sigmoid(), val_labels)
+    log.info("temperature %.4f fitted on val: val ECE %.4f before, %.4f after", temperature, before, after)
+    return temperature
+
+
+def calibration_method(cfg: DictConfig) -> str:
+    method = cfg.get("calibration", "none")
+    if method not in CALIBRATIONS:
+        raise UserInputError(f"calibration={method!r} is not known; expected one of {', '.join(CALIBRATIONS)}")
+    return method
+
+
+def decide_threshold(cfg: DictConfig, val_probs: Any, val_labels: Any) -> dict[str, Any]:
+    """The test threshold by `threshold_rule`, from the module's (calibrated) probabilities on val only."""
     from xray_cls.metrics import choose_threshold
 
-    val = datamodule.splits["val"]
-    probs = module.predict_probabilities(datamodule.preprocess(val.images.to(module.device)))
-    chosen = choose_threshold(cfg.threshold_rule, probs.cpu(), val.labels.cpu(), cfg.threshold, cfg.target_sensitivity)
+    chosen = choose_threshold(cfg.threshold_rule, val_probs, val_labels, cfg.threshold, cfg.target_sensitivity)
     log.info(
         "threshold %.4f (%s rule on val): val sensitivity %.4f, specificity %.4f",
         chosen["threshold"], chosen["rule"], chosen["val_sensitivity"], chosen["val_specificity"],
@@ -236,6 +271,8 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
         "lr": cfg.optimizer.lr,
         "pos_weight": "none" if cfg.loss.pos_weight is None else cfg.loss.pos_weight,
         "threshold_rule": cfg.threshold_rule,
+        "calibration": cfg.get("calibration", "none"),
+        "checkpoint": f"{cfg.checkpoint.monitor} ({cfg.checkpoint.mode})",  # what runs are chosen by
         "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
         "image_size": image_size,
