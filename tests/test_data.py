@@ -714,3 +714,14 @@ def test_four_processes_started_together_decode_once_and_read_the_same(folder_co
     decodes = [line for _, err in outputs for line in err.splitlines() if "into the cache" in line]
     assert len(decodes) == 2, decodes  # train and test, each decoded by one process
     assert len(list(cache.glob("*.npy"))) == 2 and not list(cache.glob(".*.tmp"))
+
+
+def test_unusable_cache_dir_costs_a_warning_not_the_run(folder_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="xray_cls.data.folder"):
+        dm = cached_module(folder_copy, blocker / "cache")
+    assert re.search(rf"could not use the image cache {re.escape(str(blocker))}/cache/\S+\.npy: .*Not a directory.*decoding into memory", caplog.text)
+    fresh = ImageFolderDataModule(root=str(folder_copy), image_size=16, seed=0)
+    fresh.setup()
+    assert torch.equal(dm.splits["train"].images, fresh.splits["train"].images)

@@ -75,8 +75,16 @@ def cached_images(path: Path, paths: list[Path], size: int, geometry: str, sourc
 @contextmanager
 def entry_lock(path: Path) -> Iterator[None]:
     """Holds an exclusive lock on `path`'s lock file (kept: deleting it would let two processes
-    hold two different files' locks)."""
-    with path.with_name(path.name + ".lock").open("a") as lock:
+    hold two different files' locks). In a cache that cannot be written, a finished entry is still
+    read without one: entries only ever appear complete."""
+    try:
+        lock_file = path.with_name(path.name + ".lock").open("a")
+    except OSError:
+        if not path.is_file():
+            raise
+        yield
+        return
+    with lock_file as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

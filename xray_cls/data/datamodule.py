@@ -127,6 +127,18 @@ def pixel_mean_std(split: Split, chunk_bytes: int = 64 * 2**20) -> tuple[float, 
     return mean.item(), max(std.item(), 1e-6)
 
 
+def fits_on_device(name: str, split: Split, device: torch.device) -> bool:
+    """Whether a split takes at most half the GPU's free memory; a larger one (a big folder) is
+    served from host memory or its mapped file instead."""
+    needed = len(split) * split.source[0].numel() * split.source.element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= free // 2:
+        return True
+    log.info("%s split: %.1f GB is more than half the GPU's free memory; its batches are copied from the host",
+             name, needed / 2**30)
+    return False
+
+
 class XrayDataModule(L.LightningDataModule):
     """Serves train/val/test splits; subclasses only say how to read them (`read_splits`)."""
 
@@ -225,9 +237,9 @@ class XrayDataModule(L.LightningDataModule):
         split, sampler = self.splits[name], None
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if self.on_device and device.type == "cuda":
+        if self.on_device and device.type == "cuda" and fits_on_device(name, split, device):
             # Small splits: copied to the GPU once (a subset only its own rows), every batch is then indexed there.
-            split = Split(split.images.to(device), split.labels.to(device))
+            split = Split(split.images.to(device), split.labels.to(device), split.paths)
             self.splits[name] = split
         dataset = SplitDataset(split)
         if shuffle and (trainer is None or trainer.world_size == 1):
