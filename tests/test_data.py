@@ -725,3 +725,17 @@ def test_unusable_cache_dir_costs_a_warning_not_the_run(folder_copy: Path, tmp_p
     fresh = ImageFolderDataModule(root=str(folder_copy), image_size=16, seed=0)
     fresh.setup()
     assert torch.equal(dm.splits["train"].images, fresh.splits["train"].images)
+
+
+def test_finished_entries_are_read_where_no_lock_can_be_taken(
+    folder_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache shared read-only: the lock file cannot be opened for writing (here: it is a folder)."""
+    first = cached_module(folder_copy, tmp_path / "cache")
+    for lock in (tmp_path / "cache").glob("*.lock"):
+        lock.unlink()
+        lock.mkdir()
+    forbid_decoding(monkeypatch)
+    second = cached_module(folder_copy, tmp_path / "cache")
+    for name in ("train", "val", "test"):
+        assert torch.equal(first.splits[name].images, second.splits[name].images)
