@@ -146,10 +146,16 @@ def log_to_run_folder(run_dir: Path) -> None:
 
 def decide_threshold(cfg: DictConfig, module: Any, datamodule: Any) -> dict[str, Any]:
     """The test threshold by `threshold_rule`, from the module's predictions on val only."""
+    import torch
+
     from xray_cls.metrics import choose_threshold
 
     val = datamodule.splits["val"]
-    probs = module.predict_probabilities(datamodule.preprocess(val.images.to(module.device)))
+    # batch by batch: a large val split is never copied whole, let alone as float
+    probs = torch.cat([
+        module.predict_probabilities(datamodule.preprocess(images.to(module.device)))
+        for images in val.batches(datamodule.batch_size)
+    ])
     chosen = choose_threshold(cfg.threshold_rule, probs.cpu(), val.labels.cpu(), cfg.threshold, cfg.target_sensitivity)
     log.info(
         "threshold %.4f (%s rule on val): val sensitivity %.4f, specificity %.4f",

@@ -56,6 +56,12 @@ class Split:
         """The images at positions `index` of this split, read from `source` in one indexing op."""
         return self.source[index if self.rows is None else self.rows[index]]
 
+    def batches(self, size: int) -> Iterator[torch.Tensor]:
+        """The split's images in order, `size` at a time: never all of them at once."""
+        device = (self.source if self.rows is None else self.rows).device
+        for start in range(0, len(self), size):
+            yield self.gather(torch.arange(start, min(start + size, len(self)), device=device))
+
     def subset(self, index: torch.Tensor) -> Split:
         paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
         rows = index if self.rows is None else self.rows[index]
@@ -116,11 +122,9 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 def pixel_mean_std(split: Split, chunk_bytes: int = 64 * 2**20) -> tuple[float, float]:
     """Mean and standard deviation of a split's uint8 pixels scaled to [0, 1], from a histogram
     built a chunk of images at a time, so that a large split is never copied whole."""
-    step = max(1, chunk_bytes // max(1, split.source[0].numel()))
     counts = torch.zeros(256, dtype=torch.float64)
-    for start in range(0, len(split), step):
-        chunk = split.gather(torch.arange(start, min(start + step, len(split))))
-        counts += torch.bincount(chunk.flatten(), minlength=256)
+    for chunk in split.batches(max(1, chunk_bytes // max(1, split.source[0].numel()))):
+        counts += torch.bincount(chunk.flatten(), minlength=256).cpu()
     values = torch.arange(256, dtype=torch.float64) / 255
     mean = (counts * values).sum() / counts.sum()
     std = ((counts * (values - mean) ** 2).sum() / counts.sum()).sqrt()
