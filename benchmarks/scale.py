@@ -35,7 +35,8 @@ DEFAULT_DATA = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() /
 def synthetic_folder(data_dir: Path, n_images: int, side: int) -> Path:
     """A Kermany-layout folder of `n_images` JPEGs of side x side px, written once and kept: built
     under a temporary name and renamed, so an interrupted build is never reused."""
-    from speed import write_kermany_folder  # benchmarks/ is on sys.path when run as a script
+    # benchmarks/ is on sys.path when run as a script
+    from speed import write_kermany_folder
 
     root = data_dir / f"{n_images}x{side}"
     if not root.is_dir():
@@ -94,7 +95,7 @@ def measure_in_child(root: Path, cache: Path | None, image_size: int, out_dir: P
     """`measure` in a fresh process, so that each size's memory figures are its own."""
     spec = json.dumps({"root": str(root), "cache": str(cache) if cache else None, "image_size": image_size, "out_dir": str(out_dir)})
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"measuring {root} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -106,7 +106,7 @@ def load_cached_images(path: Path, count: int, size: int) -> torch.Tensor | None
             and images.shape == (count, 1, size, size)
             and path.stat().st_size == images.offset + images.nbytes
         )
-    except Exception:  # truncated, corrupt or foreign file: rebuild it, never trust it
+    except Exception:  # noqa: BLE001  truncated, corrupt or foreign file: rebuild it, never trust it
         valid = False
     if not valid:
         log.warning("image cache %s is unreadable or does not match its folder; rebuilding it", path)
