@@ -9,6 +9,7 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 SPEED_KEYS = ["cnn_overhead", "mlp_overhead", "aug_cost", "startup", "folder_epoch2", "folder_rerun", "default_rss_mb"]
+SCALE_KEYS = ["anon_growth", "time_growth", "decode_ips"]
 ACCURACY_KEYS = ["acc", "auroc", "acc_std", "seeds", "minutes_per_run", "baseline_acc", "baseline_auroc", "ece"]
 
 
@@ -34,3 +35,8 @@ def test_accuracy_benchmark_quick_mode(tmp_path: Path) -> None:
     assert values["seeds"] == "1" and values["acc_std"] == "0.0000"
     assert 0 < float(values["acc"]) <= 1 and 0 < float(values["baseline_auroc"]) <= 1
     assert 0 <= float(values["ece"]) <= 1 and values["ece"] != values["ece_uncalibrated"]
+
+
+def test_scale_benchmark_quick_mode(tmp_path: Path) -> None:
+    values = quick_result("scale.py", SCALE_KEYS, tmp_path)
+    assert all(float(v) > 0 for v in values.values())  # memory sampled, epochs timed, folders decoded

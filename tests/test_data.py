@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -23,9 +29,10 @@ from xray_cls.data import (
     PneumoniaMNISTDataModule,
     is_image_file,
     open_gray,
+    patient_split,
+    pixel_mean_std,
     read_image,
     read_npz,
-    patient_split,
     resize_uint8,
 )
 from xray_cls.errors import UserInputError
@@ -483,15 +490,16 @@ def folder_copy(kermany_root: Path, tmp_path: Path) -> Path:
 
 
 def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(paths, size, geometry):  # noqa: ANN001, ANN202
+    def fail(paths, *args):
         raise AssertionError(f"decoded {len(paths)} images although the cache holds them")
 
     monkeypatch.setattr("xray_cls.data.folder.decode_images", fail)
+    monkeypatch.setattr("xray_cls.data.cache.decode_chunks", fail)
 
 
 def test_second_run_reads_the_cache(folder_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = cached_module(folder_copy, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # train and test
     forbid_decoding(monkeypatch)
     second = cached_module(folder_copy, tmp_path / "cache")
     for name in ("train", "val", "test"):
@@ -504,7 +512,7 @@ def test_added_file_invalidates_the_cache(folder_copy: Path, tmp_path: Path) -> 
     Image.new("L", (50, 50), 30).save(folder_copy / "test" / "Normal" / "new.png")
     after = cached_module(folder_copy, tmp_path / "cache")
     assert len(after.splits["test"]) == len(before.splits["test"]) + 1
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # the stale entry was replaced
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # the stale entry was replaced
 
 
 def test_removed_file_invalidates_the_cache(folder_copy: Path, tmp_path: Path) -> None:
@@ -529,10 +537,10 @@ def test_other_image_size_or_geometry_gets_its_own_entry(folder_copy: Path, tmp_
     cropped = cached_module(folder_copy, tmp_path / "cache", size=16)
     bigger = cached_module(folder_copy, tmp_path / "cache", size=24)
     assert bigger.splits["test"].images.shape[-2:] == (24, 24)
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 4
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4
     stretched = cached_module(folder_copy, tmp_path / "cache", size=16, geometry="stretch")
     assert not torch.equal(stretched.splits["test"].images, cropped.splits["test"].images)  # its images are not square
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 6
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 6
 
 
 def test_rewritten_file_with_its_old_size_and_times_is_decoded_again(folder_copy: Path, tmp_path: Path) -> None:
@@ -557,7 +565,7 @@ def test_relative_and_absolute_root_share_one_entry(
     forbid_decoding(monkeypatch)
     absolute = cached_module(folder_copy.resolve(), tmp_path / "cache")
     assert torch.equal(relative.splits["test"].images, absolute.splits["test"].images)
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
 
 
 def test_other_decoder_versions_get_a_fresh_decode(folder_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -568,7 +576,7 @@ def test_other_decoder_versions_get_a_fresh_decode(folder_copy: Path, tmp_path: 
     for module, version in ((PIL, PIL.__version__), (PIL, "0.0"), (pydicom, "0.0")):
         monkeypatch.setattr(module, "__version__", version)
         cached_module(folder_copy, tmp_path / "cache")
-        entries |= {p.name for p in (tmp_path / "cache").glob("*.pt")}
+        entries |= {p.name for p in (tmp_path / "cache").glob("*.npy")}
     assert len(entries) == 6  # train and test, under three keys
 
 
@@ -576,16 +584,158 @@ def test_other_decoder_versions_get_a_fresh_decode(folder_copy: Path, tmp_path: 
 def test_corrupt_cache_is_rebuilt_not_trusted(folder_copy: Path, tmp_path: Path, damage: str) -> None:
     cache = tmp_path / "cache"
     first = cached_module(folder_copy, cache)
-    for entry in cache.glob("*.pt"):
+    # Copied out first: damage written into a mapped file in place reaches its readers (SIGBUS for
+    # a truncated one). The cache itself only ever renames complete files into place.
+    expected = {name: first.splits[name].images.clone() for name in ("train", "test")}
+    del first
+    for entry in cache.glob("*.npy"):
         if damage == "garbage":
             entry.write_bytes(b"not a torch file")
         elif damage == "truncated":
             entry.write_bytes(entry.read_bytes()[:200])
         else:
-            data = torch.load(entry, weights_only=True)
-            torch.save({"images": data["images"][:, :, :8, :8].contiguous(), "labels": data["labels"]}, entry)
+            np.save(entry, np.load(entry)[:, :, :8, :8])
     rebuilt = cached_module(folder_copy, cache)
     for name in ("train", "test"):
-        assert torch.equal(first.splits[name].images, rebuilt.splits[name].images)
-    for entry in cache.glob("*.pt"):  # and the rebuilt entries are sound again
-        assert torch.load(entry, weights_only=True)["images"].shape[-1] == 16
+        assert torch.equal(expected[name], rebuilt.splits[name].images)
+    for entry in cache.glob("*.npy"):  # and the rebuilt entries are sound again
+        assert np.load(entry).shape[-1] == 16
+
+
+# --- folders served from their memory-mapped cache entry ----------------------------------------
+
+
+def mapped_files() -> set[str]:
+    """The files mapped into this process's memory."""
+    return {line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+
+
+def test_cached_splits_are_memory_mapped_and_val_is_not_copied(tmp_path: Path) -> None:
+    layout = [*FOLDER_LAYOUT, ("val", "NORMAL", 2), ("val", "PNEUMONIA", 2)]  # a tiny val/ joins train
+    root = make_kermany_folder(tmp_path / "data", layout)
+    mapped = cached_module(root, tmp_path / "cache")
+    entries = {str(p) for p in (tmp_path / "cache").glob("*.npy")}
+    assert len(entries) == 2  # train with val/ in one entry, and test
+    assert entries <= mapped_files()
+    train, val = mapped.splits["train"], mapped.splits["val"]
+    assert train.source is val.source and len(train.source) == 54  # both index the one mapped train file
+    assert len(train) + len(val) == 54 and not set(train.rows.tolist()) & set(val.rows.tolist())
+    in_memory = ImageFolderDataModule(root=str(root), image_size=16, seed=0)
+    in_memory.setup()
+    for name in ("train", "val", "test"):
+        assert torch.equal(mapped.splits[name].images, in_memory.splits[name].images)
+    assert (mapped.mean, mapped.std) == (in_memory.mean, in_memory.std)
+    assert pixel_mean_std(train, chunk_bytes=1) == pytest.approx((mapped.mean, mapped.std), abs=1e-12)  # one image a chunk
+    batch_images, batch_labels = next(iter(mapped.val_dataloader()))
+    assert torch.equal(batch_images, val.images[: len(batch_images)])
+    assert torch.equal(batch_labels, val.labels[: len(batch_labels)])
+
+
+DIE_MIDWAY = """
+import os, sys
+from xray_cls.data import images, ImageFolderDataModule
+images.DECODE_CHUNK = 8
+real_read, decoded = images.read_image, []
+def read_then_die(*args):
+    decoded.append(1)
+    if len(decoded) > 30:
+        os._exit(9)  # as a killed process: no cleanup runs
+    return real_read(*args)
+images.read_image = read_then_die
+ImageFolderDataModule(root=sys.argv[1], image_size=16, cache_dir=sys.argv[2]).setup()
+"""
+
+
+def test_decode_killed_midway_leaves_no_entry_a_later_run_trusts(folder_copy: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    killed = subprocess.run([sys.executable, "-c", DIE_MIDWAY, str(folder_copy), str(cache)], capture_output=True, text=True, check=False)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert not list(cache.glob("*.npy"))
+    orphans = list(cache.glob(".*.tmp"))
+    assert len(orphans) == 1 and orphans[0].stat().st_size > 8 * 16 * 16  # chunks were written before it died
+    after = cached_module(folder_copy, cache)
+    fresh = ImageFolderDataModule(root=str(folder_copy), image_size=16, seed=0)
+    fresh.setup()
+    for name in ("train", "val", "test"):
+        assert torch.equal(after.splits[name].images, fresh.splits[name].images)
+    assert not list(cache.glob(".*.tmp"))  # the orphan was cleared under the entry's lock
+
+
+def test_long_decode_logs_its_progress(folder_copy: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("xray_cls.data.images.PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr("xray_cls.data.images.DECODE_CHUNK", 10)
+    with caplog.at_level(logging.INFO, logger="xray_cls.data.images"):
+        ImageFolderDataModule(root=str(folder_copy), image_size=16).setup()
+    progress = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+    assert len(progress) == 4 + 1  # train: 10 to 40 of 50 images; test: 10 of 20
+    assert re.fullmatch(rf"decoding {re.escape(str(folder_copy / 'train'))}: 10/50 images, \d+ images/s, \d+ s left", progress[0])
+
+
+RACE_DECODE = """
+import hashlib, logging, os, sys, time
+from pathlib import Path
+from xray_cls.data import images, ImageFolderDataModule
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+real_read = images.read_image
+def slow_read(*args):
+    time.sleep(0.02)  # a decode long enough for the four processes to meet
+    return real_read(*args)
+images.read_image = slow_read
+root, cache, go = sys.argv[1:]
+Path(f"{go}.{os.getpid()}").touch()
+while not Path(go).exists():
+    time.sleep(0.005)
+dm = ImageFolderDataModule(root=root, image_size=16, cache_dir=cache)
+dm.setup()
+print("DIGEST", hashlib.sha256(b"".join(dm.splits[n].images.numpy().tobytes() for n in ("train", "val", "test"))).hexdigest())
+"""
+
+
+def test_four_processes_started_together_decode_once_and_read_the_same(folder_copy: Path, tmp_path: Path) -> None:
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    runs = [
+        subprocess.Popen([sys.executable, "-c", RACE_DECODE, str(folder_copy), str(cache), str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(4)
+    ]
+    deadline = time.monotonic() + 240
+    while len(list(tmp_path.glob("go.*"))) < 4 and time.monotonic() < deadline:  # every process imported
+        time.sleep(0.05)
+    go.touch()
+    outputs = [run.communicate(timeout=240) for run in runs]
+    for run, (_, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-3000:]
+    digests = {line for out, _ in outputs for line in out.splitlines() if line.startswith("DIGEST")}
+    fresh = ImageFolderDataModule(root=str(folder_copy), image_size=16)
+    fresh.setup()
+    expected = hashlib.sha256(b"".join(fresh.splits[n].images.numpy().tobytes() for n in ("train", "val", "test")))
+    assert digests == {f"DIGEST {expected.hexdigest()}"}
+    decodes = [line for _, err in outputs for line in err.splitlines() if "into the cache" in line]
+    assert len(decodes) == 2, decodes  # train and test, each decoded by one process
+    assert len(list(cache.glob("*.npy"))) == 2 and not list(cache.glob(".*.tmp"))
+
+
+def test_unusable_cache_dir_costs_a_warning_not_the_run(folder_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="xray_cls.data.folder"):
+        dm = cached_module(folder_copy, blocker / "cache")
+    assert re.search(rf"could not use the image cache {re.escape(str(blocker))}/cache/\S+\.npy: .*Not a directory.*decoding into memory", caplog.text)
+    fresh = ImageFolderDataModule(root=str(folder_copy), image_size=16, seed=0)
+    fresh.setup()
+    assert torch.equal(dm.splits["train"].images, fresh.splits["train"].images)
+
+
+def test_finished_entries_are_read_where_no_lock_can_be_taken(
+    folder_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache shared read-only: the lock file cannot be opened for writing (here: it is a folder)."""
+    first = cached_module(folder_copy, tmp_path / "cache")
+    for lock in (tmp_path / "cache").glob("*.lock"):
+        lock.unlink()
+        lock.mkdir()
+    forbid_decoding(monkeypatch)
+    second = cached_module(folder_copy, tmp_path / "cache")
+    for name in ("train", "val", "test"):
+        assert torch.equal(first.splits[name].images, second.splits[name].images)

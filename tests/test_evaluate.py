@@ -40,7 +40,7 @@ def test_folder_data_is_prepared_as_the_checkpoint_was_trained(cnn_run: Path, ke
     assert metrics["preprocessing"]["image_size"] == 28
     assert metrics["threshold"] == run["threshold"]
     # only the evaluated split is decoded: one cache entry, at the checkpoint's size and geometry
-    assert [p.name.split("-")[1:3] for p in (tmp_path / "cache").glob("*.pt")] == [["28", "crop"]]
+    assert [p.name.split("-")[1:3] for p in (tmp_path / "cache").glob("*.npy")] == [["28", "crop"]]
 
 
 @pytest.mark.parametrize("geometry", ["stretch", None])  # None: a checkpoint from before geometry was recorded
@@ -51,7 +51,7 @@ def test_folder_images_get_the_checkpoints_geometry(cnn_run: Path, kermany_root:
     evaluate_in(tmp_path / "out", ckpt, "data=folder", f"data.root={kermany_root}", "data.geometry=crop",
                 f"data.cache_dir={tmp_path / 'cache'}", "gradcam_samples=0")
     # the decoded folders are cached under the size and geometry they were read with
-    assert [p.name.split("-")[1:3] for p in (tmp_path / "cache").glob("*.pt")] == [["28", "stretch"]]  # test/ alone
+    assert [p.name.split("-")[1:3] for p in (tmp_path / "cache").glob("*.npy")] == [["28", "stretch"]]  # test/ alone
     assert ("records no preprocessing geometry" in caplog.text) == (geometry is None)
 
 

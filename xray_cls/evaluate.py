@@ -87,6 +87,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) -> dict[str, Any]:
     """The threshold of averaged probabilities, chosen on the val split (of data.*, or the one the
     first checkpoint's run drew from train) by the first checkpoint's threshold rule."""
+    import torch
     from hydra.utils import instantiate
 
     from xray_cls.metrics import choose_threshold
@@ -98,7 +99,10 @@ def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) 
     val_data.setup("test")
     val_data.use_preprocessing(prep)
     val = val_data.splits["val"]
-    probs = module.predict_probabilities(val_data.preprocess(val.images.to(module.device)))
+    probs = torch.cat([
+        module.predict_probabilities(val_data.preprocess(images.to(module.device))).cpu()
+        for images in val.batches(val_data.batch_size)
+    ])
     chosen = choose_threshold(rule, probs.cpu(), val.labels.cpu(), module.hparams.threshold, cfg.target_sensitivity)
     log.info("threshold %.4f of the averaged probabilities (%s rule on %d val images)", chosen["threshold"], rule, len(val))
     return chosen

@@ -153,10 +153,16 @@ CALIBRATIONS = ("none", "temperature")
 
 
 def val_predictions(module: Any, datamodule: Any) -> tuple[Any, Any]:
-    """The module's logits (before any temperature) and the labels of the val split."""
+    """The module's logits (before any temperature) and the labels of the val split, batch by
+    batch: a large val split is never copied whole, let alone as float."""
+    import torch
+
     val = datamodule.splits["val"]
-    logits = module.predict_logits(datamodule.preprocess(val.images.to(module.device)))
-    return logits.cpu(), val.labels.cpu()
+    logits = torch.cat([
+        module.predict_logits(datamodule.preprocess(images.to(module.device))).cpu()
+        for images in val.batches(datamodule.batch_size)
+    ])
+    return logits, val.labels.cpu()
 
 
 def fit_calibration(cfg: DictConfig, val_logits: Any, val_labels: Any) -> float:

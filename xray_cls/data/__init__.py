@@ -1,9 +1,9 @@
 """Chest X-ray data: the bundled PneumoniaMNIST `.npz` or a Kermany-layout image folder.
 
-- `datamodule`: in-memory splits, loaders, normalization and the shared `XrayDataModule`;
+- `datamodule`: splits (in memory or memory-mapped), loaders, normalization and the shared `XrayDataModule`;
 - `pneumoniamnist`, `folder`: the two DataModules, one per kind of source;
 - `images`: reading one file (JPEG, PNG, DICOM) as 8-bit gray, square and resized;
-- `cache`: decoded folders kept on disk between runs;
+- `cache`: decoded folders kept on disk between runs, and memory-mapped from there;
 - `augment`: train-time augmentation of whole batches.
 
 The configs name `xray_cls.data.PneumoniaMNISTDataModule` and `xray_cls.data.ImageFolderDataModule`.

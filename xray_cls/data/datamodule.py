@@ -1,9 +1,11 @@
-"""What every dataset shares: in-memory splits, their loaders and samplers, normalization, and the
+"""What every dataset shares: splits, their loaders and samplers, normalization, and the
 LightningDataModule that serves them (`XrayDataModule`).
 
-Every split is decoded once into memory as a uint8 tensor (N, 1, H, W). Augmentation and
-normalization run on whole batches after they reach the device (`on_after_batch_transfer`), so
-they cost a few tensor ops per batch instead of a PIL pipeline per image.
+Every split is decoded once into a uint8 tensor (N, 1, H, W): in memory, or memory-mapped from the
+on-disk cache of an image folder (`cache.py`), so that a folder larger than memory is served from
+the page cache. A batch is gathered with one indexing op. Augmentation and normalization run on
+whole batches after they reach the device (`on_after_batch_transfer`), so they cost a few tensor
+ops per batch instead of a PIL pipeline per image.
 """
 
 from __future__ import annotations
@@ -33,20 +35,37 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 (N, 1, H, W)
+    """A split's images: all of `source`, or the `rows` of it that it picks. A subset (the val
+    split drawn from train) indexes its source instead of copying it, so a memory-mapped source
+    is never copied into the process's memory."""
+
+    source: torch.Tensor  # uint8 (M, 1, H, W), in memory or memory-mapped
     labels: torch.Tensor  # int64 (N,)
     paths: list[Path] | None = None  # the image files, for splits read from a folder
+    rows: torch.Tensor | None = None  # int64 (N,): the rows of `source` this split holds; None: all
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def images(self) -> torch.Tensor:
+        """Every image of the split; a copy when it picks rows (loaders use `gather` instead)."""
+        return self.source if self.rows is None else self.source[self.rows]
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at positions `index` of this split, read from `source` in one indexing op."""
+        return self.source[index if self.rows is None else self.rows[index]]
+
+    def batches(self, size: int) -> Iterator[torch.Tensor]:
+        """The split's images in order, `size` at a time: never all of them at once."""
+        device = (self.source if self.rows is None else self.rows).device
+        for start in range(0, len(self), size):
+            yield self.gather(torch.arange(start, min(start + size, len(self)), device=device))
+
     def subset(self, index: torch.Tensor) -> Split:
         paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
-        return Split(self.images[index], self.labels[index], paths)
-
-    def concat(self, other: Split) -> Split:
-        paths = self.paths + other.paths if self.paths is not None and other.paths is not None else None
-        return Split(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]), paths)
+        rows = index if self.rows is None else self.rows[index]
+        return Split(self.source, self.labels[index], paths, rows)
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
@@ -62,11 +81,11 @@ class SplitDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split.images[i], self.split.labels[i]
+        return self.split.gather(torch.tensor([i]))[0], self.split.labels[i]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices)
-        return self.split.images[index], self.split.labels[index]
+        return self.split.gather(index), self.split.labels[index]
 
 
 class EpochShuffle(Sampler[int]):
@@ -100,14 +119,28 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def pixel_mean_std(images: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard deviation of uint8 pixels scaled to [0, 1], from a histogram, so that a
-    large split is never copied to float."""
-    counts = torch.bincount(images.flatten(), minlength=256).double()
+def pixel_mean_std(split: Split, chunk_bytes: int = 64 * 2**20) -> tuple[float, float]:
+    """Mean and standard deviation of a split's uint8 pixels scaled to [0, 1], from a histogram
+    built a chunk of images at a time, so that a large split is never copied whole."""
+    counts = torch.zeros(256, dtype=torch.float64)
+    for chunk in split.batches(max(1, chunk_bytes // max(1, split.source[0].numel()))):
+        counts += torch.bincount(chunk.flatten(), minlength=256).cpu()
     values = torch.arange(256, dtype=torch.float64) / 255
     mean = (counts * values).sum() / counts.sum()
     std = ((counts * (values - mean) ** 2).sum() / counts.sum()).sqrt()
     return mean.item(), max(std.item(), 1e-6)
+
+
+def fits_on_device(name: str, split: Split, device: torch.device) -> bool:
+    """Whether a split takes at most half the GPU's free memory; a larger one (a big folder) is
+    served from host memory or its mapped file instead."""
+    needed = len(split) * split.source[0].numel() * split.source.element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= free // 2:
+        return True
+    log.info("%s split: %.1f GB is more than half the GPU's free memory; its batches are copied from the host",
+             name, needed / 2**30)
+    return False
 
 
 class XrayDataModule(L.LightningDataModule):
@@ -165,16 +198,16 @@ class XrayDataModule(L.LightningDataModule):
         for name, split in self.splits.items():
             log.info("%s split: %d images, %s = %s", name, len(split), "/".join(CLASS_NAMES), split.class_counts())
         if "train" in self.splits:  # evaluate reads no train split: the checkpoint has the statistics
-            self.mean, self.std = pixel_mean_std(self.splits["train"].images)
+            self.mean, self.std = pixel_mean_std(self.splits["train"])
             log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)
 
     @property
     def image_size(self) -> int:
-        return next(iter(self.splits.values())).images.shape[-1]
+        return next(iter(self.splits.values())).source.shape[-1]
 
     @property
     def in_channels(self) -> int:
-        return next(iter(self.splits.values())).images.shape[1]
+        return next(iter(self.splits.values())).source.shape[1]
 
     def split_rows(self) -> list[dict[str, Any]]:
         """Which image went to which split (splits.csv): path, split, label, patient."""
@@ -208,9 +241,9 @@ class XrayDataModule(L.LightningDataModule):
         split, sampler = self.splits[name], None
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if self.on_device and device.type == "cuda":
-            # The splits are small: copied to the GPU once, every batch is then indexed there.
-            split = Split(split.images.to(device), split.labels.to(device))
+        if self.on_device and device.type == "cuda" and fits_on_device(name, split, device):
+            # Small splits: copied to the GPU once (a subset only its own rows), every batch is then indexed there.
+            split = Split(split.images.to(device), split.labels.to(device), split.paths)
             self.splits[name] = split
         dataset = SplitDataset(split)
         if shuffle and (trainer is None or trainer.world_size == 1):
@@ -232,9 +265,9 @@ class XrayDataModule(L.LightningDataModule):
             # Each new iterator draws a worker seed from its generator: with the global one, that
             # draw would shift augmentation and dropout after a resume.
             generator=torch.Generator().manual_seed(self.seed),
-            num_workers=0 if split.images.is_cuda else self.num_workers,
-            pin_memory=self.pin_memory and not split.images.is_cuda,
-            persistent_workers=self.num_workers > 0 and not split.images.is_cuda,
+            num_workers=0 if split.source.is_cuda else self.num_workers,
+            pin_memory=self.pin_memory and not split.source.is_cuda,
+            persistent_workers=self.num_workers > 0 and not split.source.is_cuda,
         )
 
     def train_dataloader(self) -> DataLoader:

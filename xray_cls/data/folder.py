@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from xray_cls.data.cache import cache_path, load_cached_split, save_cached_split
+from xray_cls.data.cache import cache_path, cached_images
 from xray_cls.data.datamodule import CLASS_NAMES, Split, XrayDataModule
 from xray_cls.data.images import IMAGE_SUFFIXES, decode_images, is_image_file
 from xray_cls.errors import UserInputError
@@ -85,22 +85,31 @@ def list_images(split_dir: Path) -> tuple[list[Path], list[int], int]:
     return paths, labels, ignored
 
 
-def read_folder_split(split_dir: Path, size: int, cache_dir: Path | None = None, geometry: str = "crop") -> Split:
-    paths, labels, ignored = list_images(split_dir)
-    if ignored:
-        log.info("%s: ignored %d file(s) that are not images", split_dir, ignored)
-    cache = cache_path(cache_dir, split_dir, paths, labels, size, geometry) if cache_dir else None
-    if cache is not None and (split := load_cached_split(cache, labels, size)) is not None:
-        log.info("%s: %d images from the cache %s", split_dir, len(paths), cache)
-        split.paths = paths
-        return split
-    split = Split(torch.from_numpy(decode_images(paths, size, geometry)).unsqueeze(1), torch.tensor(labels), paths)
-    if cache is not None:
+def read_folder_split(
+    split_dirs: list[Path], size: int, cache_dir: Path | None = None, geometry: str = "crop"
+) -> Split:
+    """The images below `split_dirs` (one split folder, or train and a small val folder that joins
+    it) as one split: memory-mapped from the cache entry in `cache_dir`, decoding into it first if
+    needed, or decoded into memory without a cache."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    for split_dir in split_dirs:
+        found, found_labels, ignored = list_images(split_dir)
+        if ignored:
+            log.info("%s: ignored %d file(s) that are not images", split_dir, ignored)
+        paths += found
+        labels += found_labels
+    source = " + ".join(str(d) for d in split_dirs)
+    images = None
+    if cache_dir is not None:
+        cache = cache_path(cache_dir, split_dirs, paths, labels, size, geometry)
         try:
-            save_cached_split(cache, split)
-        except OSError as err:  # a read-only or full disk costs speed, not the run
-            log.warning("could not write the image cache %s: %s", cache, err)
-    return split
+            images = cached_images(cache, paths, size, geometry, source)
+        except OSError as err:  # a read-only or full disk costs memory and speed, not the run
+            log.warning("could not use the image cache %s: %s; decoding into memory", cache, err)
+    if images is None:
+        images = torch.from_numpy(decode_images(paths, size, geometry, source))
+    return Split(images, torch.tensor(labels), paths)
 
 
 class ImageFolderDataModule(XrayDataModule):
@@ -141,13 +150,13 @@ class ImageFolderDataModule(XrayDataModule):
             )
         if self.only_split == "test":
             return {"test": self._read(self._test_folder())}
-        splits = self._train_and_val(self._read(self._folder("train")))
+        splits = self._train_and_val()
         if self.only_split is None:
             splits["test"] = self._read(self._folder("test"))
         return splits
 
-    def _read(self, folder: Path) -> Split:
-        return read_folder_split(folder, self.requested_size, self.cache_dir, self.geometry)
+    def _read(self, *folders: Path) -> Split:
+        return read_folder_split(list(folders), self.requested_size, self.cache_dir, self.geometry)
 
     def _folder(self, name: str) -> Path:
         folder = find_subfolder(self.root, (name,))
@@ -165,15 +174,18 @@ class ImageFolderDataModule(XrayDataModule):
             return self.root
         return self._folder("test")
 
-    def _train_and_val(self, train: Split) -> dict[str, Split]:
-        val_dir = find_subfolder(self.root, VAL_FOLDER_NAMES)
-        val = self._read(val_dir) if val_dir is not None else None
-        if val is not None and len(val) >= self.min_val_images:
+    def _train_and_val(self) -> dict[str, Split]:
+        train_dir, val_dir = self._folder("train"), find_subfolder(self.root, VAL_FOLDER_NAMES)
+        val_count = len(list_images(val_dir)[0]) if val_dir is not None else 0
+        if val_dir is not None and val_count >= self.min_val_images:
+            train, val = self._read(train_dir), self._read(val_dir)
             log_patient_overlap(train, val)
             return {"train": train, "val": val}
-        if val is not None:
-            log.info("%s has only %d images (< data.min_val_images=%d): merged into train", val_dir, len(val), self.min_val_images)
-            train = train.concat(val)
+        if val_dir is not None:
+            log.info("%s has only %d images (< data.min_val_images=%d): merged into train", val_dir, val_count, self.min_val_images)
+            train = self._read(train_dir, val_dir)  # one split, so one mapped file, train's images first
+        else:
+            train = self._read(train_dir)
         if self.recorded_val is not None:
             train_index, val_index = self._recorded_val_index(train)
         else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -179,9 +181,13 @@ def dicom_gray(dataset: Any, pixels: np.ndarray) -> np.ndarray:
     return gray.round().astype(np.uint8)
 
 
-def read_images(paths: list[Path], size: int, geometry: str) -> list[np.ndarray | UserInputError]:
-    """Each file as `read_image` gives it, or the error that says why it cannot be read. PIL
-    releases the GIL while decoding, so threads use every core."""
+def decode_pool() -> ThreadPoolExecutor:
+    """PIL releases the GIL while decoding, so threads use every core."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+
+def read_images(paths: list[Path], size: int, geometry: str, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray | UserInputError]:
+    """Each file as `read_image` gives it, or the error that says why it cannot be read."""
 
     def attempt(path: Path) -> np.ndarray | UserInputError:
         try:
@@ -189,17 +195,43 @@ def read_images(paths: list[Path], size: int, geometry: str) -> list[np.ndarray 
         except UserInputError as err:
             return err
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    if pool is not None:
         return list(pool.map(attempt, paths))
+    with decode_pool() as own_pool:
+        return list(own_pool.map(attempt, paths))
 
 
-def decode_images(paths: list[Path], size: int, geometry: str) -> np.ndarray:
-    """uint8 (N, size, size); the first unreadable file stops it."""
-    images = read_images(paths, size, geometry)
-    for image in images:
-        if isinstance(image, UserInputError):
-            raise image
-    return np.stack(images)
+DECODE_CHUNK = 256  # images decoded at a time: memory stays flat however large the folder
+PROGRESS_SECONDS = 10.0  # a decode that outlasts this logs its progress this often
+
+
+def decode_chunks(paths: list[Path], size: int, geometry: str, source: str = "images") -> Iterator[np.ndarray]:
+    """uint8 (k, 1, size, size) arrays of consecutive images, DECODE_CHUNK at a time; the first
+    unreadable file stops it. A long decode logs images/s and the time left (of `source`)."""
+    started = last_report = time.monotonic()
+    with decode_pool() as pool:
+        for start in range(0, len(paths), DECODE_CHUNK):
+            chunk = read_images(paths[start : start + DECODE_CHUNK], size, geometry, pool)
+            for image in chunk:
+                if isinstance(image, UserInputError):
+                    raise image
+            yield np.stack(chunk)[:, None]
+            now, done = time.monotonic(), start + len(chunk)
+            if now - last_report >= PROGRESS_SECONDS and done < len(paths):
+                rate = done / (now - started)
+                log.info("decoding %s: %d/%d images, %.0f images/s, %.0f s left",
+                         source, done, len(paths), rate, (len(paths) - done) / rate)
+                last_report = now
+
+
+def decode_images(paths: list[Path], size: int, geometry: str, source: str = "images") -> np.ndarray:
+    """uint8 (N, 1, size, size) in memory."""
+    images = np.empty((len(paths), 1, size, size), dtype=np.uint8)
+    start = 0
+    for chunk in decode_chunks(paths, size, geometry, source):
+        images[start : start + len(chunk)] = chunk
+        start += len(chunk)
+    return images
 
 
 def resize_uint8(images: torch.Tensor, size: int, geometry: str = "crop") -> torch.Tensor:
