@@ -113,6 +113,6 @@ def test_test_probabilities_are_float32_under_bf16_autocast() -> None:
         reference = torch.sigmoid(module(images))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert module(images).dtype == torch.bfloat16  # what autocast alone would give
-            _, probs, _ = module._step((images, labels), float32=True)
+            _, probs, _ = module._scored(module.float32_logits(images) / module.temperature, labels)  # as test_step
     assert probs.dtype == torch.float32
     assert torch.equal(probs, reference)

@@ -143,11 +143,9 @@ class XrayClassifier(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             return self(images.to(self.dtype)).float()
 
-    def _step(self, batch: tuple[Tensor, Tensor], float32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """Loss, probabilities, labels. float32 (the test): calibrated, in float32 (see float32_logits)."""
+    def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         images, labels = batch
-        logits = self.float32_logits(images) / self.temperature if float32 else self(images).float()
-        return self._scored(logits, labels)
+        return self._scored(self(images).float(), labels)
 
     def _scored(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.loss(logits, labels.float()), torch.sigmoid(logits), labels

@@ -91,6 +91,7 @@ def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) 
     from hydra.utils import instantiate
 
     from xray_cls.metrics import choose_threshold
+    from xray_cls.train import val_predictions
 
     rule = (module.hparams.threshold_rule or {}).get("rule", "fixed")
     prep = module.hparams.preprocessing
@@ -98,13 +99,10 @@ def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) 
     val_data.evaluate_split("val", recorded_val_split(Path(first)))
     val_data.setup("test")
     val_data.use_preprocessing(prep)
-    val = val_data.splits["val"]
-    probs = torch.cat([
-        module.predict_probabilities(val_data.preprocess(images.to(module.device))).cpu()
-        for images in val.batches(val_data.batch_size)
-    ])
-    chosen = choose_threshold(rule, probs.cpu(), val.labels.cpu(), module.hparams.threshold, cfg.target_sensitivity)
-    log.info("threshold %.4f of the averaged probabilities (%s rule on %d val images)", chosen["threshold"], rule, len(val))
+    logits, labels = val_predictions(module, val_data)
+    probs = torch.sigmoid(logits / module.temperature)
+    chosen = choose_threshold(rule, probs, labels, module.hparams.threshold, cfg.target_sensitivity)
+    log.info("threshold %.4f of the averaged probabilities (%s rule on %d val images)", chosen["threshold"], rule, len(labels))
     return chosen
 
 

@@ -97,7 +97,6 @@ def save_overlay(path: Path, cam: Any, geometry: str, target: Path) -> None:
 
 def predict(cfg: DictConfig) -> Path:
     """Predict every image of `cfg.input`; returns the path of predictions.csv."""
-
     from xray_cls.data import CLASS_NAMES, normalize, trained_geometry
     from xray_cls.ensemble import checkpoint_paths, load_averaged
     from xray_cls.gradcam import grad_cam, last_conv_layer
@@ -108,24 +107,24 @@ def predict(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.paths.output_dir)
     csv_path = out_dir / "predictions.csv"
     refuse_existing(csv_path, "predictions", "paths.output_dir")
-    paths = checkpoint_paths(cfg.ckpt)
+    ckpts = checkpoint_paths(cfg.ckpt)
     tta = bool(cfg.get("tta", False))
-    averaged = len(paths) > 1 or tta
+    averaged = len(ckpts) > 1 or tta
     if cfg.gradcam and averaged:
         raise UserInputError("gradcam=true explains one network; it cannot be combined with a list of checkpoints or tta=true")
-    module = load_averaged(paths, tta)
+    module = load_averaged(ckpts, tta)
     if cfg.gradcam and last_conv_layer(module.net) is None:
         raise UserInputError(
             f"gradcam=true needs a network with convolution layers; the {type(module.net).__name__} of "
             f"ckpt={cfg.ckpt} has none (train model=cnn or model=resnet, or leave gradcam=false)"
         )
     prep = module.hparams.preprocessing
-    geometry = trained_geometry(prep, paths[0])
+    geometry = trained_geometry(prep, ckpts[0])
     threshold = float(cfg.threshold) if cfg.threshold is not None else module.hparams.threshold
     if averaged and cfg.threshold is None:
         log.warning(
             "threshold %.4f is the one ckpt=%s chose for itself; for the averaged probabilities pass the threshold "
-            "that `python -m xray_cls.evaluate` chooses on val for the same ckpt and tta (threshold=...)", threshold, paths[0],
+            "that `python -m xray_cls.evaluate` chooses on val for the same ckpt and tta (threshold=...)", threshold, ckpts[0],
         )
     if cfg.batch_size < 1:
         raise UserInputError(f"batch_size={cfg.batch_size!r} is not valid; expected a positive integer")

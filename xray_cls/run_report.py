@@ -102,14 +102,14 @@ def calibration_metrics(results: dict[str, Any], temperature: float, val: tuple[
     if val is not None:
         splits["val"] = val
     section: dict[str, Any] = {"bins": CALIBRATION_BINS, "temperature": temperature}
+    reliability = {}
     for name, (logits, labels) in splits.items():
         probs = torch.sigmoid(logits.double() / temperature)
         section[f"{name}_ece"] = calibration_error(probs, labels)
         if temperature != 1.0:
             section[f"{name}_ece_uncalibrated"] = calibration_error(torch.sigmoid(logits.double()), labels)
-    section["reliability"] = {
-        name: reliability_bins(torch.sigmoid(logits.double() / temperature), labels) for name, (logits, labels) in splits.items()
-    }
+        reliability[name] = reliability_bins(probs, labels)
+    section["reliability"] = reliability
     return section
 
 

@@ -8,7 +8,6 @@ It reads only what the runs wrote (`.hydra/overrides.yaml`, `metrics.json` or `f
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from xray_cls.files import write_text
+from xray_cls.files import write_csv, write_text
 
 log = logging.getLogger(__name__)
 
@@ -155,22 +154,18 @@ def _cell(value: Any, is_best: bool) -> str:
     return f"**{text}**" if is_best else text
 
 
-def write_summary_csv(path: Path, runs: list[Run]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run", "status", "overrides", "val_rank", *(k for k, _ in METRIC_COLUMNS), "error"])
-        ranking = rank_on_val(runs)
-        for run in runs:
-            row = run.row()
-            writer.writerow(
-                [run.name, run.status, " ".join(run.overrides), ranking.rank(run), *(row[k] for k, _ in METRIC_COLUMNS), run.error]
-            )
+def write_summary_csv(path: Path, runs: list[Run], ranking: Ranking) -> None:
+    columns = ["run", "status", "overrides", "val_rank", *(k for k, _ in METRIC_COLUMNS), "error"]
+    rows = (
+        {"run": r.name, "status": r.status, "overrides": " ".join(r.overrides), "val_rank": ranking.rank(r), **r.row(), "error": r.error}
+        for r in runs
+    )
+    write_csv(path, rows, columns)
 
 
-def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], figures: list[str]) -> None:
+def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], ranking: Ranking, figures: list[str]) -> None:
     common, varying = varying_overrides(runs)
     own = {run.name: overrides for run, overrides in zip(runs, varying)}
-    ranking = rank_on_val(runs)
     order = ranking.ranked + [r for r in runs if r not in ranking.ranked]
     n_ok = sum(r.status == "ok" for r in runs)
     if ranking.monitor:
@@ -308,9 +303,10 @@ def write_report(sweep_dir: Path) -> Path:
     if not runs:
         raise UserInputError(f"{sweep_dir} holds no runs; expected Hydra run folders with .hydra/overrides.yaml inside")
     figures = write_figures(sweep_dir / "figures", runs)
-    write_summary_csv(sweep_dir / "summary.csv", runs)
+    ranking = rank_on_val(runs)
+    write_summary_csv(sweep_dir / "summary.csv", runs, ranking)
     report = sweep_dir / "report.md"
-    write_markdown(report, sweep_dir, runs, figures)
+    write_markdown(report, sweep_dir, runs, ranking, figures)
     return report
 
 
