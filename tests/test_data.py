@@ -258,10 +258,10 @@ def test_unset_root_says_how_to_set_it() -> None:
         ImageFolderDataModule(root=None)
 
 
-def test_root_without_test_folder_is_named(kermany_root: Path, tmp_path: Path) -> None:
+def test_root_without_train_or_test_folder_is_named(kermany_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
-    shutil.copytree(kermany_root / "train", root / "train")
-    with pytest.raises(UserInputError, match=r"has no test/ folder.*found \['train'\]"):
+    shutil.copytree(kermany_root / "train", root / "training")
+    with pytest.raises(UserInputError, match=r"has no train/ or test/ folder.*found \['training'\]"):
         ImageFolderDataModule(root=str(root)).setup()
 
 
@@ -739,3 +739,19 @@ def test_finished_entries_are_read_where_no_lock_can_be_taken(
     second = cached_module(folder_copy, tmp_path / "cache")
     for name in ("train", "val", "test"):
         assert torch.equal(first.splits[name].images, second.splits[name].images)
+
+
+def test_aspect_jitter_scales_the_width_alone() -> None:
+    """Rows survive it untouched (up to interpolation); columns are squeezed or stretched."""
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 1, 32)
+    by_row = ramp.view(1, 1, 32, 1).expand(8, 1, 32, 32)  # brightness varies with the row only
+    by_column = ramp.view(1, 1, 1, 32).expand(8, 1, 32, 32)
+    jitter = BatchAugment(Augment(aspect=0.5))
+    assert torch.allclose(jitter(by_row), by_row, atol=1e-5)
+    assert (jitter(by_column) - by_column).abs().amax() > 0.05
+
+
+def test_aspect_jitter_setting_is_checked() -> None:
+    with pytest.raises(UserInputError, match=r"data.aspect=-0.5 is not valid; expected a number in \[0, 10\)"):
+        PneumoniaMNISTDataModule(aspect=-0.5)

@@ -97,6 +97,46 @@ def test_an_existing_val_folder_reports_the_patients_it_shares(patient_root: Pat
 
 
 @pytest.fixture(scope="module")
+def train_only_root(patient_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Kaggle train folder as redistributed: train/ alone, no val/ or test/."""
+    root = tmp_path_factory.mktemp("train_only")
+    (root / "train").symlink_to(patient_root / "train")
+    return root
+
+
+def test_a_root_with_train_alone_gets_a_development_test_drawn_by_patient(train_only_root: Path) -> None:
+    """The test patients are the same for every run seed; val is drawn from the rest, by the run's seed."""
+    drawn = {}
+    for seed in (1, 2):
+        dm = ImageFolderDataModule(root=str(train_only_root), image_size=16, val_fraction=0.25, test_fraction=0.25, seed=seed)
+        dm.setup()
+        drawn[seed] = {name: {patient_id(p) for p in split.paths} for name, split in dm.splits.items()}
+        on_disk = [f for f in (train_only_root / "train").resolve().rglob("*") if f.is_file() and not f.name.startswith(".")]
+        assert sum(len(split) for split in dm.splits.values()) == len(on_disk)
+        patients = drawn[seed]
+        assert patients["train"].isdisjoint(patients["val"] | patients["test"]) and patients["val"].isdisjoint(patients["test"])
+        assert len(patients["test"]) == round(0.25 * len(NORMAL_PATIENTS)) + round(0.25 * len(PNEUMONIA_PATIENTS))
+    assert drawn[1]["test"] == drawn[2]["test"]
+    assert drawn[1]["val"] != drawn[2]["val"]
+
+
+def test_evaluate_rebuilds_the_development_test_the_run_recorded(train_only_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(compose_config(run_dir, ["data=folder", f"data.root={train_only_root}", "data.image_size=16", "data.val_fraction=0.25",
+                                   "data.test_fraction=0.25", f"data.cache_dir={tmp_path / 'cache'}", "model=mlp", *SHORT_RUN]))
+    test_paths = [r["path"] for r in read_splits_csv(run_dir) if r["split"] == "test"]
+    run = json.loads((run_dir / "metrics.json").read_text())
+    assert run["n_test"] == len(test_paths) > 0
+    # another test_seed would draw other patients: the checkpoint's record wins
+    metrics = evaluate_in(tmp_path / "eval", run_dir / "checkpoints" / "best.ckpt", "data=folder", f"data.root={train_only_root}",
+                          "data.test_seed=7", f"data.cache_dir={tmp_path / 'cache'}")
+    assert metrics["confusion_matrix"] == run["confusion_matrix"]
+    redrawn = ImageFolderDataModule(root=str(train_only_root), image_size=16, test_fraction=0.25, test_seed=7)
+    redrawn.setup()
+    assert {p.relative_to(train_only_root).as_posix() for p in redrawn.splits["test"].paths} != set(test_paths)
+
+
+@pytest.fixture(scope="module")
 def folder_run(patient_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("folder_run")
     cache = run_dir.parent / "cache"

@@ -52,10 +52,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(
         cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], geometry=geometry, aug="none"
     )
-    recorded_val = recorded_val_split(Path(paths[0])) if cfg.split == "val" else None
-    if cfg.split == "val" and recorded_val is None and cfg.data.get("root"):
+    recorded = recorded_splits(Path(paths[0]))
+    if cfg.split == "val" and "val" not in recorded and cfg.data.get("root"):
         log.warning("%s records no val split drawn from train: a val split drawn from data.root is new to it", paths[0])
-    datamodule.evaluate_split(cfg.split, recorded_val)
+    datamodule.evaluate_split(cfg.split, recorded)
     datamodule.setup("test")
     datamodule.use_preprocessing(preprocessing)
     trainer = L.Trainer(
@@ -96,7 +96,7 @@ def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) 
     rule = (module.hparams.threshold_rule or {}).get("rule", "fixed")
     prep = module.hparams.preprocessing
     val_data = instantiate(cfg.data, seed=cfg.seed, image_size=prep["image_size"], geometry=geometry, aug="none")
-    val_data.evaluate_split("val", recorded_val_split(Path(first)))
+    val_data.evaluate_split("val", recorded_splits(Path(first)))
     val_data.setup("test")
     val_data.use_preprocessing(prep)
     logits, labels = val_predictions(module, val_data)
@@ -106,15 +106,16 @@ def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) 
     return chosen
 
 
-def recorded_val_split(ckpt: Path) -> list[str] | None:
-    """The val images (paths relative to data.root) of a run whose val split was drawn from train,
-    as its checkpoint records them; None for runs that had a val split of their own."""
+def recorded_splits(ckpt: Path) -> dict[str, list[str]]:
+    """The val and test images (paths relative to data.root) a run drew from train, as its
+    checkpoint records them; empty for runs whose folder had its own."""
     from xray_cls.checkpoint import read_checkpoint
 
     state = read_checkpoint(ckpt).get("ImageFolderDataModule")
-    if isinstance(state, dict) and isinstance(state.get("derived_val"), list):
-        return [str(path) for path in state["derived_val"]]
-    return None
+    if not isinstance(state, dict):
+        return {}
+    drawn = {name: state.get(f"derived_{name}") for name in ("val", "test")}
+    return {name: [str(path) for path in paths] for name, paths in drawn.items() if isinstance(paths, list)}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")

@@ -274,6 +274,7 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
         "model": network_name(cfg.model).lower(),
         "dropout": cfg.model.get("dropout", 0.0),
         "aug": cfg.data.aug,
+        "aspect": cfg.data.get("aspect", 0.0),
         "lr": cfg.optimizer.lr,
         "pos_weight": "none" if cfg.loss.pos_weight is None else cfg.loss.pos_weight,
         "threshold_rule": cfg.threshold_rule,

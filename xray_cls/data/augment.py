@@ -3,7 +3,8 @@ applied to whole batches on the device."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,15 @@ class Augment:
     contrast f: contrast scaled by a factor in [1-f, 1+f] around each image's mean.
     translate f: shifted by up to f of the image size, independently along each axis.
     zoom f: zoomed by a factor in [1-f, 1+f] (above 1 zooms out), aspect ratio kept.
+    aspect f: width alone scaled by a factor in [1/(1+f), 1+f] (log-uniform). Folders whose images
+      were stretched to squares carry each original's aspect ratio in the anatomy's proportions,
+      and it differs by class in Kermany's data; this jitter stops a network from learning that.
     """
 
     contrast: float = 0.0
     translate: float = 0.0
     zoom: float = 0.0
+    aspect: float = 0.0
 
 
 AUGMENT_PRESETS = {
@@ -48,12 +53,14 @@ class BatchAugment(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: float (N, C, H, W) in [0, 1]; returns the same shape, still in [0, 1]."""
         a, n = self.augment, images.shape[0]
-        if a.translate or a.zoom:
+        if a.translate or a.zoom or a.aspect:
             scale = 1 + a.zoom * _uniform(n, images)
+            # theta maps output to input coordinates: a factor above 1 samples a wider span, squeezing the image.
+            width = torch.exp(math.log1p(a.aspect) * _uniform(n, images))
             # affine_grid spans [-1, 1], so a shift by a fraction f of the size is 2f.
             shift = 2 * a.translate * _uniform((n, 2), images)
             theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
-            theta[:, 0, 0] = scale
+            theta[:, 0, 0] = scale * width
             theta[:, 1, 1] = scale
             theta[:, :, 2] = shift
             grid = F.affine_grid(theta, list(images.shape), align_corners=False)
@@ -70,10 +77,13 @@ def _uniform(shape: int | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.rand(shape, device=like.device, dtype=like.dtype) * 2 - 1
 
 
-def augment_preset(name: str) -> Augment:
+def augment_preset(name: str, aspect: float = 0.0) -> Augment:
+    """The preset `name`, with aspect-ratio jitter `aspect` on top."""
     if name not in AUGMENT_PRESETS:
         raise UserInputError(
             f"data.aug={name!r} is not a known augmentation preset; expected one of "
             f"{', '.join(AUGMENT_PRESETS)}"
         )
-    return AUGMENT_PRESETS[name]
+    if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or not 0 <= aspect < 10:
+        raise UserInputError(f"data.aspect={aspect!r} is not valid; expected a number in [0, 10)")
+    return replace(AUGMENT_PRESETS[name], aspect=float(aspect))

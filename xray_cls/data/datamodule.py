@@ -151,6 +151,7 @@ class XrayDataModule(L.LightningDataModule):
         image_size: int | None = None,
         batch_size: int = 32,
         aug: str = "none",
+        aspect: float = 0.0,
         num_workers: int = 0,
         pin_memory: bool = False,
         on_device: bool = True,
@@ -168,7 +169,7 @@ class XrayDataModule(L.LightningDataModule):
         self.requested_size = image_size
         self.batch_size = batch_size
         self.aug = aug
-        self.augment = BatchAugment(augment_preset(aug))
+        self.augment = BatchAugment(augment_preset(aug, aspect))
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.on_device = on_device
@@ -178,18 +179,18 @@ class XrayDataModule(L.LightningDataModule):
         self.std = 1.0
         self.test_split = "test"  # the split test_dataloader serves (`evaluate split=...`)
         self.only_split: str | None = None  # evaluate reads just the split it evaluates
-        self.recorded_val: list[str] | None = None  # a run's derived val split, to evaluate on again
+        self.recorded: dict[str, list[str]] = {}  # a run's splits drawn from train, to evaluate on again
 
     def read_splits(self) -> dict[str, Split]:
         raise NotImplementedError
 
-    def evaluate_split(self, split: str, recorded_val: list[str] | None = None) -> None:
-        """Serve `split` as the test split, reading only what it needs; a val split derived from
-        train is rebuilt from `recorded_val` (the run's own, see `state_dict`) when given."""
+    def evaluate_split(self, split: str, recorded: dict[str, list[str]] | None = None) -> None:
+        """Serve `split` as the test split, reading only what it needs; splits a run drew from
+        train are rebuilt from `recorded` (the run's own, see `state_dict`) when given."""
         if split not in SPLITS:
             raise UserInputError(f"split={split!r} is not a split of this data; expected one of {', '.join(SPLITS)}")
         self.test_split = self.only_split = split
-        self.recorded_val = recorded_val
+        self.recorded = recorded or {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:  # idempotent: the CLI reads the data once to size the network

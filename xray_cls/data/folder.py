@@ -117,7 +117,9 @@ class ImageFolderDataModule(XrayDataModule):
 
     A missing val folder, or one with fewer than `min_val_images` images (Kaggle's has 16), is
     replaced by `val_fraction` of train's patients per class (its images, if any, join train
-    first), so that no patient has images on both sides.
+    first), so that no patient has images on both sides. A root without test/ gets a development
+    test split the same way: `test_fraction` of train's patients, drawn with `test_seed` before
+    val, so that every run seed is tested on the same patients.
     """
 
     def __init__(
@@ -126,6 +128,8 @@ class ImageFolderDataModule(XrayDataModule):
         image_size: int = 64,
         val_fraction: float = 0.1,
         min_val_images: int = 100,
+        test_fraction: float = 0.1,
+        test_seed: int = 0,
         cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -134,86 +138,104 @@ class ImageFolderDataModule(XrayDataModule):
         super().__init__(image_size=image_size, **kwargs)
         if not root:
             raise UserInputError("data.root is not set; expected data.root=/path/to/chest_xray")
-        if not 0 < val_fraction < 1:
-            raise UserInputError(f"data.val_fraction={val_fraction!r} is not valid; expected a number in (0, 1)")
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+                raise UserInputError(f"data.{name}={fraction!r} is not valid; expected a number in (0, 1)")
         self.root = Path(root).expanduser()
         self.val_fraction = val_fraction
         self.min_val_images = min_val_images
+        self.test_fraction = test_fraction
+        self.test_seed = test_seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.derived_val: list[str] | None = None  # the val split drawn from train, as paths relative to root
+        self.derived: dict[str, list[str]] = {}  # splits drawn from train, as paths relative to root
 
     def read_splits(self) -> dict[str, Split]:
         if not self.root.is_dir():
             raise UserInputError(
                 f"data.root: {self.root} does not exist or is not a folder; expected a folder with "
-                "train/ and test/ (and optionally val/), each holding NORMAL/ and PNEUMONIA/"
+                "train/ (and optionally test/ and val/), each holding NORMAL/ and PNEUMONIA/"
             )
-        if self.only_split == "test":
-            return {"test": self._read(self._test_folder())}
-        splits = self._train_and_val()
-        if self.only_split is None:
-            splits["test"] = self._read(self._folder("test"))
+        test_dir = self._test_folder()
+        if self.only_split == "test" and test_dir is not None:
+            return {"test": self._read(test_dir)}
+        splits = self._drawn_splits(draw_test=test_dir is None)
+        if self.only_split is None and test_dir is not None:
+            splits["test"] = self._read(test_dir)
         return splits
 
     def _read(self, *folders: Path) -> Split:
         return read_folder_split(list(folders), self.requested_size, self.cache_dir, self.geometry)
 
-    def _folder(self, name: str) -> Path:
-        folder = find_subfolder(self.root, (name,))
-        if folder is None:
+    def _test_folder(self) -> Path | None:
+        """root/test; root itself when it holds the class folders (a folder of test images alone);
+        None when there is only train/ (the test split is then drawn from it)."""
+        test_dir = find_subfolder(self.root, ("test",))
+        if test_dir is None and find_subfolder(self.root, ("train",)) is None:
+            if all(find_subfolder(self.root, (c,)) for c in CLASS_NAMES):
+                return self.root
             found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
             raise UserInputError(
-                f"data.root: {self.root} has no {name}/ folder; expected train/ and test/ "
-                f"(and optionally val/), found {found or 'no folders'}"
+                f"data.root: {self.root} has no train/ or test/ folder; expected train/ (and optionally "
+                f"test/ and val/), found {found or 'no folders'}"
             )
-        return folder
+        return test_dir
 
-    def _test_folder(self) -> Path:
-        """root/test, or root itself when it holds the class folders (a folder of test images alone)."""
-        if find_subfolder(self.root, ("test",)) is None and all(find_subfolder(self.root, (c,)) for c in CLASS_NAMES):
-            return self.root
-        return self._folder("test")
-
-    def _train_and_val(self) -> dict[str, Split]:
-        train_dir, val_dir = self._folder("train"), find_subfolder(self.root, VAL_FOLDER_NAMES)
+    def _drawn_splits(self, draw_test: bool) -> dict[str, Split]:
+        """train and val, and test when `draw_test`: folders where they are usable, the rest drawn
+        from train by patient."""
+        train_dir, val_dir = find_subfolder(self.root, ("train",)), find_subfolder(self.root, VAL_FOLDER_NAMES)
+        if train_dir is None:
+            raise UserInputError(f"data.root: {self.root} has no train/ folder; expected train/ with NORMAL/ and PNEUMONIA/")
         val_count = len(list_images(val_dir)[0]) if val_dir is not None else 0
         if val_dir is not None and val_count >= self.min_val_images:
-            train, val = self._read(train_dir), self._read(val_dir)
-            log_patient_overlap(train, val)
-            return {"train": train, "val": val}
-        if val_dir is not None:
-            log.info("%s has only %d images (< data.min_val_images=%d): merged into train", val_dir, val_count, self.min_val_images)
-            train = self._read(train_dir, val_dir)  # one split, so one mapped file, train's images first
+            splits = {"train": self._read(train_dir), "val": self._read(val_dir)}
+            if draw_test:
+                splits["train"], splits["test"] = self._draw(splits["train"], "test")
         else:
-            train = self._read(train_dir)
-        if self.recorded_val is not None:
-            train_index, val_index = self._recorded_val_index(train)
+            if val_dir is not None:
+                log.info("%s has only %d images (< data.min_val_images=%d): merged into train", val_dir, val_count, self.min_val_images)
+            train = self._read(train_dir, *([val_dir] if val_dir is not None else []))  # one mapped file
+            test = None
+            if draw_test:
+                train, test = self._draw(train, "test")
+            train, val = self._draw(train, "val")
+            splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+        for name in ("val", "test"):
+            if name in splits:
+                log_patient_overlap(splits["train"], splits[name], name)
+        return splits
+
+    def _draw(self, pool: Split, name: str) -> tuple[Split, Split]:
+        """(the rest, split `name`) of `pool`: the images the run's checkpoint recorded for it
+        (`evaluate`), else a patient-level draw."""
+        if name in self.recorded:
+            keep, drawn = self._recorded_index(pool, name)
         else:
-            patients = patient_groups(train.paths)
+            fraction, seed = (self.test_fraction, self.test_seed) if name == "test" else (self.val_fraction, self.seed)
+            patients = patient_groups(pool.paths)
             unmatched = sum(p.startswith(ONE_IMAGE_GROUP) for p in patients)
             if unmatched:
                 log.info("%d of %d image names name no patient (Kermany patterns): one group per image", unmatched, len(patients))
-            train_index, val_index = patient_split(train.labels, patients, self.val_fraction, self.seed)
-            log.info("val split: %.0f%% of train's patients per class (seed %d)", 100 * self.val_fraction, self.seed)
-        splits = {"train": train.subset(train_index), "val": train.subset(val_index)}
-        self.derived_val = [self.source_name(splits["val"], "val", i) for i in range(len(splits["val"]))]
-        log_patient_overlap(splits["train"], splits["val"])
-        return splits
+            keep, drawn = patient_split(pool.labels, patients, fraction, seed)
+            log.info("%s split: %.0f%% of train's patients per class (seed %d)", name, 100 * fraction, seed)
+        rest, split = pool.subset(keep), pool.subset(drawn)
+        self.derived[name] = [self.source_name(split, name, i) for i in range(len(split))]
+        return rest, split
 
-    def _recorded_val_index(self, train: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        """The run's own val split, by the paths its checkpoint recorded."""
-        recorded = set(self.recorded_val or [])
-        in_val = torch.tensor([self.source_name(train, "train", i) in recorded for i in range(len(train))])
-        found = int(in_val.sum())
+    def _recorded_index(self, pool: Split, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's own split `name`, by the paths its checkpoint recorded."""
+        recorded = set(self.recorded[name])
+        chosen = torch.tensor([self.source_name(pool, "train", i) in recorded for i in range(len(pool))])
+        found = int(chosen.sum())
         if found == 0:
             raise UserInputError(
-                f"data.root: {self.root} holds none of the {len(recorded)} val images the checkpoint's run "
-                "recorded; expected the folder the run was trained on (or evaluate split=test)"
+                f"data.root: {self.root} holds none of the {len(recorded)} {name} images the checkpoint's run "
+                "recorded; expected the folder the run was trained on"
             )
         if found < len(recorded):
-            log.warning("%d of the run's %d recorded val images are missing from %s", len(recorded) - found, len(recorded), self.root)
-        log.info("val split: the %d images the run recorded", found)
-        return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
+            log.warning("%d of the run's %d recorded %s images are missing from %s", len(recorded) - found, len(recorded), name, self.root)
+        log.info("%s split: the %d images the run recorded", name, found)
+        return torch.nonzero(~chosen).flatten(), torch.nonzero(chosen).flatten()
 
     def source_name(self, split: Split, name: str, index: int) -> str:
         path = split.paths[index]  # type: ignore[index]  # folder splits always carry their paths
@@ -223,12 +245,13 @@ class ImageFolderDataModule(XrayDataModule):
         return patient_id(split.paths[index]) or ""  # type: ignore[index]
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the val split drawn from train, so `evaluate split=val` rebuilds it."""
-        return {"derived_val": self.derived_val} if self.derived_val is not None else {}
+        """Saved in every checkpoint: the splits drawn from train, so `evaluate split=val` (or
+        split=test) rebuilds them."""
+        return {f"derived_{name}": paths for name, paths in self.derived.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("derived_val") != self.derived_val:
-            log.warning("the val split differs from the one the checkpoint recorded (the folder or the seed changed)")
+        if any(state_dict.get(f"derived_{name}") != paths for name, paths in self.derived.items()):
+            log.warning("the splits drawn from train differ from those the checkpoint recorded (the folder or a seed changed)")
 
 
 ONE_IMAGE_GROUP = "image:"
@@ -239,11 +262,11 @@ def patient_groups(paths: list[Path] | None) -> list[str]:
     return [patient_id(p) or f"{ONE_IMAGE_GROUP}{p}" for p in paths or []]
 
 
-def log_patient_overlap(train: Split, val: Split) -> None:
-    """val has N images of M patients, and how many of them are in train too (0 for a derived split)."""
+def log_patient_overlap(train: Split, other: Split, name: str) -> None:
+    """val (or test) has N images of M patients, and how many of them are in train too (0 for a drawn split)."""
     train_patients = set(patient_groups(train.paths))
-    val_patients = set(patient_groups(val.paths))
-    shared = len(train_patients & val_patients)
+    patients = set(patient_groups(other.paths))
+    shared = len(train_patients & patients)
     (log.warning if shared else log.info)(
-        "val has %d images of %d patients, and %d patients are shared with train", len(val), len(val_patients), shared
+        "%s has %d images of %d patients, and %d patients are shared with train", name, len(other), len(patients), shared
     )
