@@ -1,14 +1,20 @@
-"""Accuracy benchmark: `+experiment=best` against the study's default CNN, over several seeds.
+"""Accuracy benchmark: `+experiment=best` against the study's default CNN, over several seeds; or,
+with --folder, `+experiment=best_folder` on a Kermany/Kaggle image folder.
 
     python benchmarks/accuracy.py              # 3 seeds of each
     python benchmarks/accuracy.py --seeds 5
     python benchmarks/accuracy.py --quick      # one seed, one short epoch: a smoke test
     python benchmarks/accuracy.py --calibration temperature   # temperature scaling fitted on val
+    python benchmarks/accuracy.py --folder PATH [--heldout TEST_PATH]
 
 Everything about a run is chosen on the validation split (checkpoint, temperature, threshold);
-each run's test split is evaluated once, after training, and only reported here. The last line is
-machine-readable (RESULT ...): ece= is the test ECE (15 bins) of +experiment=best, and with
---calibration temperature, ece_uncalibrated= is the same before temperature scaling.
+each run's test split is evaluated once, after training, and only reported here. In folder mode
+the test split is the folder's test/, or the development test drawn from train/ by patient; with
+--heldout, each run's best checkpoint is also evaluated once on that folder (test/ or the class
+folders), e.g. the Kaggle test images the recipe never saw. The last line is machine-readable
+(RESULT ...): ece= is the test ECE (15 bins) of the recipe, and with --calibration temperature,
+ece_uncalibrated= is the same before temperature scaling; folder mode adds the folder's figures
+(folder_acc= folder_auroc=, and heldout_acc= heldout_auroc= with --heldout).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 
+from xray_cls.evaluate import evaluate
 from xray_cls.train import CONFIG_DIR, train
 
 PUBLISHED = [  # ACC / AUROC on the same 624-image test set (MedMNIST v2 and its benchmarks)
@@ -30,11 +37,21 @@ PUBLISHED = [  # ACC / AUROC on the same 624-image test set (MedMNIST v2 and its
 ]
 
 
-def run(overrides: list[str], seed: int) -> dict[str, Any]:
+def run(overrides: list[str], seed: int, heldout: Path | None = None) -> dict[str, Any]:
+    """One training run's metrics; with `heldout`, its best checkpoint's metrics there too."""
     with tempfile.TemporaryDirectory() as out:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=[f"paths.output_dir={Path(out)}", f"seed={seed}", *overrides])
-        return train(cfg)
+        metrics = train(cfg)
+        if heldout is not None:
+            ckpt = Path(out) / metrics["best_checkpoint"]["path"]
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                eval_cfg = compose("evaluate", overrides=[
+                    f"paths.output_dir={Path(out) / 'heldout'}", f"ckpt={ckpt}", "data=folder", f"data.root={heldout}",
+                    f"data.cache_dir={cfg.data.cache_dir}", "gradcam_samples=0",
+                ])
+            metrics["heldout"] = evaluate(eval_cfg)
+        return metrics
 
 
 def summarize(name: str, results: list[dict[str, Any]]) -> dict[str, float]:
@@ -52,8 +69,18 @@ def summarize(name: str, results: list[dict[str, Any]]) -> dict[str, float]:
     print(
         "  mean  " + "  ".join(f"{means[k]:.4f}" for k in columns) + "\n  std   " + "  ".join(f"{stds[k]:.4f}" for k in columns)
     )
+    if all("heldout" in r for r in results):
+        held = [r["heldout"] for r in results]
+        print("  held out: " + "  ".join(
+            f"seed {r['hparams']['seed']}: ACC {h['test']['accuracy']:.4f} AUROC {h['test']['auroc']:.4f} "
+            f"sens {h['test']['recall']:.4f} spec {h['test']['specificity']:.4f}" for r, h in zip(results, held)
+        ))
+        means["heldout_acc"] = statistics.mean(h["test"]["accuracy"] for h in held)
+        means["heldout_auroc"] = statistics.mean(h["test"]["auroc"] for h in held)
+        print(f"  held-out mean  ACC {means['heldout_acc']:.4f}  AUROC {means['heldout_auroc']:.4f}")
     calibration = [r["calibration"] for r in results]
     return {
+        **{k: v for k, v in means.items() if k.startswith("heldout")},
         "ece": statistics.mean(c["test_ece"] for c in calibration),
         "ece_uncalibrated": statistics.mean(c.get("test_ece_uncalibrated", c["test_ece"]) for c in calibration),
         "acc": means["accuracy"],
@@ -68,13 +95,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     parser.add_argument("--quick", action="store_true", help="one seed and one short epoch, as a smoke test")
     parser.add_argument("--calibration", choices=["none", "temperature"], default="none",
-                        help="calibration of +experiment=best (default none)")
+                        help="calibration of the recipe (default none)")
+    parser.add_argument("--folder", type=Path, help="a Kermany/Kaggle folder: run +experiment=best_folder on it instead")
+    parser.add_argument("--heldout", type=Path, help="with --folder: a folder of test images to evaluate each run on once")
     args = parser.parse_args()
     seeds = [1] if args.quick else list(range(1, args.seeds + 1))
     quick = ["trainer.max_epochs=1", "trainer.limit_train_batches=10"] if args.quick else []
     common = ["trainer.enable_progress_bar=false", *quick]
 
     calibrated = [f"calibration={args.calibration}"]
+    if args.folder is not None:
+        folder_main(args.folder, args.heldout, seeds, [*calibrated, *common], args.calibration)
+        return
     best = summarize("+experiment=best", [run(["+experiment=best", *calibrated, *common], s) for s in seeds])
     baseline = summarize("the study's default CNN", [run(common, s) for s in seeds])
     print("\npublished on the same test set (ACC / AUROC): " + ", ".join(f"{n} {a:.3f} / {u:.3f}" for n, a, u in PUBLISHED))
@@ -82,6 +114,17 @@ def main() -> None:
         f"RESULT acc={best['acc']:.4f} auroc={best['auroc']:.4f} acc_std={best['acc_std']:.4f} seeds={len(seeds)} "
         f"minutes_per_run={best['minutes']:.2f} baseline_acc={baseline['acc']:.4f} baseline_auroc={baseline['auroc']:.4f} "
         f"ece={best['ece']:.4f}" + (f" ece_uncalibrated={best['ece_uncalibrated']:.4f}" if args.calibration == "temperature" else "")
+    )
+
+
+def folder_main(root: Path, heldout: Path | None, seeds: list[int], overrides: list[str], calibration: str) -> None:
+    recipe = ["+experiment=best_folder", f"data.root={root}", *overrides]
+    best = summarize(f"+experiment=best_folder on {root}", [run(recipe, s, heldout) for s in seeds])
+    held = f" heldout_acc={best['heldout_acc']:.4f} heldout_auroc={best['heldout_auroc']:.4f}" if heldout else ""
+    print(
+        f"RESULT folder_acc={best['acc']:.4f} folder_auroc={best['auroc']:.4f} folder_acc_std={best['acc_std']:.4f}{held} "
+        f"seeds={len(seeds)} minutes_per_run={best['minutes']:.2f} ece={best['ece']:.4f}"
+        + (f" ece_uncalibrated={best['ece_uncalibrated']:.4f}" if calibration == "temperature" else "")
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,8 +16,9 @@ ACCURACY_KEYS = ["acc", "auroc", "acc_std", "seeds", "minutes_per_run", "baselin
 
 def quick_result(script: str, keys: list[str], cwd: Path, *args: str) -> dict[str, str]:
     """Runs `script --quick ARGS` and returns its RESULT line's values, which must be exactly `keys`."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cwd / "cache")}  # decoded folders stay in the test's folder
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, str(BENCHMARKS / script), "--quick", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
@@ -40,3 +42,11 @@ def test_accuracy_benchmark_quick_mode(tmp_path: Path) -> None:
 def test_scale_benchmark_quick_mode(tmp_path: Path) -> None:
     values = quick_result("scale.py", SCALE_KEYS, tmp_path)
     assert all(float(v) > 0 for v in values.values())  # memory sampled, epochs timed, folders decoded
+
+
+def test_accuracy_benchmark_folder_mode(kermany_root: Path, tmp_path: Path) -> None:
+    """+experiment=best_folder on a folder, each run also evaluated once on a held-out folder."""
+    keys = ["folder_acc", "folder_auroc", "folder_acc_std", "heldout_acc", "heldout_auroc", "seeds", "minutes_per_run", "ece"]
+    values = quick_result("accuracy.py", keys, tmp_path, "--folder", str(kermany_root), "--heldout", str(kermany_root / "test"))
+    assert values["seeds"] == "1"
+    assert 0 < float(values["folder_acc"]) <= 1 and 0 < float(values["heldout_auroc"]) <= 1
