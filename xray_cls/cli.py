@@ -126,7 +126,7 @@ def progress_bar(refresh_seconds: float = 0.1) -> Any:
         def __init__(self) -> None:
             # Rich: redraws per second by its thread; tqdm: batches per redraw (gated by time below).
             super().__init__(refresh_rate=max(1, round(1 / refresh_seconds)) if use_rich else 1)
-            self._drawn_at = 0.0
+            self._drawn_at = float("-inf")  # the first batch is drawn
 
         def _due(self, done: int, total: float) -> bool:
             now = time.monotonic()
