@@ -216,3 +216,45 @@ def test_a_local_folder_run_shows_no_library_noise(kermany_root: Path, tmp_path:
     assert "Epoch 0" in console  # the progress bar was drawn
     for noise in ("srun", "No positive samples", "v_num"):
         assert noise not in console
+
+
+@pytest.mark.parametrize("refresh_seconds,expected_draws", [(3600.0, 3), (1e-9, 10)])
+def test_progress_bar_draws_by_time_and_always_the_last_batch(
+    refresh_seconds: float, expected_draws: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real fit of 2 epochs of 5 batches: a bar that may redraw once an hour draws the first batch
+    and the last of each epoch; one that may redraw at any time draws every batch."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from xray_cls.cli import progress_bar
+
+    bar = progress_bar(refresh_seconds)
+    drawn: list[int] = []
+    lightning_bar = type(bar).__mro__[1]  # Lightning's Rich or tqdm bar, which draws
+    monkeypatch.setattr(lightning_bar, "on_train_batch_end", lambda _bar, _trainer, _module, _out, _batch, i: drawn.append(i))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=5, limit_val_batches=2, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[bar])
+    trainer.fit(BoringModel())
+    assert len(drawn) == expected_draws
+    assert drawn.count(4) == 2  # the last batch of both epochs
+
+
+def test_progress_bar_is_configured_from_conf_and_hidden_on_request(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from xray_cls.cli import run_error
+    from xray_cls.errors import UserInputError
+    from xray_cls.train import build_trainer
+
+    def bars(overrides: list[str]) -> list[Any]:
+        cfg = compose_config(tmp_path, overrides)
+        return [c for c in build_trainer(cfg, Path(cfg.paths.output_dir)).callbacks if isinstance(c, ProgressBar)]
+
+    assert len(bars([])) == 1
+    assert bars(["trainer.enable_progress_bar=false"]) == []
+    assert len(bars(["callbacks=[model_checkpoint]"])) == 1  # a callbacks list without it still gets the bar
+    with pytest.raises(Exception) as refused:  # Hydra's instantiate wraps it; the CLI prints the UserInputError
+        bars(["callbacks.progress_bar.refresh_seconds=0"])
+    assert isinstance(run_error(refused.value), UserInputError)
+    assert "callbacks.progress_bar.refresh_seconds=0" in str(run_error(refused.value))

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from itertools import count
@@ -103,15 +104,49 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
 
 
-def progress_bar() -> Any:
-    """Lightning's progress bar without `v_num`: every run has its own folder, and the logger's
-    version (`tensorboard`) would show as `v_num=oard`."""
+def progress_bar(refresh_seconds: float = 0.1) -> Any:
+    """Lightning's progress bar (Rich where it is installed, as Lightning would choose, else tqdm),
+    redrawn at most every `refresh_seconds` rather than after every batch, and without `v_num`:
+    every run has its own folder, and the logger's version (`tensorboard`) would show as `v_num=oard`.
+
+    Lightning's bars update their counters and metrics after every batch (and Rich redraws up to 100
+    times a second from a thread); a step of the study's MLP takes a few milliseconds, so that work
+    shows in the training time. The last batch of every loop is always drawn.
+    """
     from importlib.util import find_spec
 
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    # The bar Lightning would choose by itself: Rich where it is installed.
-    class ProgressBar(RichProgressBar if find_spec("rich") else TQDMProgressBar):  # type: ignore[misc]
+    if refresh_seconds <= 0:
+        raise UserInputError(f"callbacks.progress_bar.refresh_seconds={refresh_seconds!r} is not valid; expected a number of seconds > 0")
+    use_rich = find_spec("rich") is not None
+    base = RichProgressBar if use_rich else TQDMProgressBar
+
+    class ProgressBar(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            # Rich: redraws per second by its thread; tqdm: batches per redraw (gated by time below).
+            super().__init__(refresh_rate=max(1, round(1 / refresh_seconds)) if use_rich else 1)
+            self._drawn_at = float("-inf")  # the first batch is drawn
+
+        def _due(self, done: int, total: float) -> bool:
+            now = time.monotonic()
+            if done < total and now - self._drawn_at < refresh_seconds:
+                return False
+            self._drawn_at = now
+            return True
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if self._due(batch_idx + 1, self.total_train_batches):
+                super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
+        def on_validation_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+            if trainer.sanity_checking or self._due(batch_idx + 1, self.total_val_batches_current_dataloader):
+                super().on_validation_batch_end(trainer, module, outputs, batch, batch_idx, *args)
+
+        def on_test_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+            if self._due(batch_idx + 1, self.total_test_batches_current_dataloader):
+                super().on_test_batch_end(trainer, module, outputs, batch, batch_idx, *args)
+
         def get_metrics(self, *args: Any) -> dict[str, Any]:
             metrics = super().get_metrics(*args)
             metrics.pop("v_num", None)

@@ -206,7 +206,11 @@ def config_changes(run_dir: Path, cfg: DictConfig) -> list[str]:
     saved = _in_run_folder(_flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))))
     current = _in_run_folder(_flatten(OmegaConf.to_container(cfg, resolve=True)))
     ignored = {"ckpt_path", "paths.output_dir", "data.cache_dir", "trainer.enable_progress_bar"}
-    return [k for k in sorted(saved.keys() | current.keys()) if k not in ignored and saved.get(k) != current.get(k)]
+    display = ("callbacks.progress_bar.",)  # how the run is shown, not what it computes
+    return [
+        k for k in sorted(saved.keys() | current.keys())
+        if k not in ignored and not k.startswith(display) and saved.get(k) != current.get(k)
+    ]
 
 
 def _in_run_folder(flat: dict[str, Any]) -> dict[str, Any]:

@@ -217,7 +217,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     """The configured Trainer with the `logger` and `callbacks` configs; checkpoints go to
     out_dir/checkpoints (callbacks.model_checkpoint), which resuming and testing rely on."""
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -234,7 +234,11 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
             "part of callbacks=default); add callbacks with callbacks=[default,early_stopping]"
         )
     callbacks.append(ResumableTraining(last_checkpoint=expected / "last.ckpt"))
-    if cfg.trainer.get("enable_progress_bar", True):
+    # callbacks.progress_bar (part of callbacks=default); Lightning refuses a bar it was told not to show.
+    bars = [c for c in callbacks if isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    elif not bars:  # a callbacks list without it: the same bar, at its default refresh
         callbacks.append(progress_bar())
     # In a SLURM job, a restarted job resumes its run from last.ckpt (resume.requeued_checkpoint);
     # Lightning's own SIGUSR1 auto-requeue, with its separate hpc_ckpt files, stays off.
