@@ -47,8 +47,8 @@ def run(overrides: list[str], seed: int, heldout: Path | None = None) -> dict[st
             ckpt = Path(out) / metrics["best_checkpoint"]["path"]
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 eval_cfg = compose("evaluate", overrides=[
-                    f"paths.output_dir={Path(out) / 'heldout'}", f"ckpt={ckpt}", "data=folder", f"data.root={heldout}",
-                    f"data.cache_dir={cfg.data.cache_dir}", "gradcam_samples=0",
+                    f"paths.output_dir={Path(out) / 'heldout'}", f"ckpt='{ckpt}'", "data=folder", f"data.root='{heldout}'",
+                    f"data.cache_dir='{cfg.data.cache_dir}'", "gradcam_samples=0",
                 ])
             metrics["heldout"] = evaluate(eval_cfg)
         return metrics
