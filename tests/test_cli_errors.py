@@ -31,7 +31,7 @@ def user_error_line(stderr: str) -> str:
 def test_missing_data_root(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_folder"
     stderr = assert_one_clear_error(["data=folder", f"data.root={missing}"], tmp_path, f"data.root: {missing} does not exist")
-    assert "train/ and test/" in user_error_line(stderr)
+    assert "expected a folder with train/" in user_error_line(stderr)
 
 
 def test_unset_data_root(tmp_path: Path) -> None:
