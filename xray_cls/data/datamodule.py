@@ -119,7 +119,7 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def pixel_mean_std(split: Split, chunk_bytes: int = 64 * 2**20) -> tuple[float, float]:
+def pixel_mean_std(split: Split, chunk_bytes: int = 8 * 2**20) -> tuple[float, float]:
     """Mean and standard deviation of a split's uint8 pixels scaled to [0, 1], from a histogram
     built a chunk of images at a time, so that a large split is never copied whole."""
     counts = torch.zeros(256, dtype=torch.float64)
