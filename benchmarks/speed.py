@@ -1,6 +1,6 @@
 """Speed benchmark of xray_cls: what the framework costs over a hand-written loop.
 
-    python benchmarks/speed.py            # the full benchmark: 4 repeats of 12-epoch fits (not yet timed)
+    python benchmarks/speed.py            # the full benchmark: 4 repeats of 12-epoch fits (about 17 minutes on 2 CPU cores)
     python benchmarks/speed.py --quick    # a smoke test of every measurement
 
 The project side is what users run: `python -m xray_cls` with its defaults (progress bar, Hydra's
