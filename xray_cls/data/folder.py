@@ -187,19 +187,19 @@ class ImageFolderDataModule(XrayDataModule):
         if train_dir is None:
             raise UserInputError(f"data.root: {self.root} has no train/ folder; expected train/ with NORMAL/ and PNEUMONIA/")
         val_count = len(list_images(val_dir)[0]) if val_dir is not None else 0
+        val = None
         if val_dir is not None and val_count >= self.min_val_images:
-            splits = {"train": self._read(train_dir), "val": self._read(val_dir)}
-            if draw_test:
-                splits["train"], splits["test"] = self._draw(splits["train"], "test")
+            train, val = self._read(train_dir), self._read(val_dir)
         else:
             if val_dir is not None:
                 log.info("%s has only %d images (< data.min_val_images=%d): merged into train", val_dir, val_count, self.min_val_images)
             train = self._read(train_dir, *([val_dir] if val_dir is not None else []))  # one mapped file
-            test = None
-            if draw_test:
-                train, test = self._draw(train, "test")
+        test = None
+        if draw_test:  # before val, so that the test patients do not depend on the run's seed
+            train, test = self._draw(train, "test")
+        if val is None:
             train, val = self._draw(train, "val")
-            splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+        splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
         for name in ("val", "test"):
             if name in splits:
                 log_patient_overlap(splits["train"], splits[name], name)
