@@ -42,17 +42,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = load_averaged(paths, tta)
     preprocessing = module.hparams.preprocessing
     geometry = trained_geometry(preprocessing, paths[0])
+    # Read once, and only for folders: the only data whose runs draw splits from train.
+    recorded = recorded_splits(Path(paths[0])) if cfg.data.get("root") else {}
     threshold = module.hparams.threshold_rule or {"rule": "fixed", "threshold": module.hparams.threshold}
     if cfg.threshold is not None:
         threshold = {"rule": "fixed", "threshold": float(cfg.threshold)}
     elif averaged:  # the members' thresholds were chosen for them alone
-        threshold = averaged_threshold(cfg, module, paths[0], geometry)
+        threshold = averaged_threshold(cfg, module, recorded, geometry)
     module.set_threshold(threshold["threshold"])
 
     datamodule = instantiate(
         cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], geometry=geometry, aug="none"
     )
-    recorded = recorded_splits(Path(paths[0]))
     if cfg.split == "val" and "val" not in recorded and cfg.data.get("root"):
         log.warning("%s records no val split drawn from train: a val split drawn from data.root is new to it", paths[0])
     datamodule.evaluate_split(cfg.split, recorded)
@@ -84,9 +85,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) -> dict[str, Any]:
+def averaged_threshold(cfg: DictConfig, module: Any, recorded: dict[str, list[str]], geometry: str) -> dict[str, Any]:
     """The threshold of averaged probabilities, chosen on the val split (of data.*, or the one the
-    first checkpoint's run drew from train) by the first checkpoint's threshold rule."""
+    first checkpoint's run drew from train, in `recorded`) by the first checkpoint's threshold rule."""
     import torch
     from hydra.utils import instantiate
 
@@ -96,7 +97,7 @@ def averaged_threshold(cfg: DictConfig, module: Any, first: str, geometry: str) 
     rule = (module.hparams.threshold_rule or {}).get("rule", "fixed")
     prep = module.hparams.preprocessing
     val_data = instantiate(cfg.data, seed=cfg.seed, image_size=prep["image_size"], geometry=geometry, aug="none")
-    val_data.evaluate_split("val", recorded_splits(Path(first)))
+    val_data.evaluate_split("val", recorded)
     val_data.setup("test")
     val_data.use_preprocessing(prep)
     logits, labels = val_predictions(module, val_data)
