@@ -3,6 +3,7 @@ with --folder, `+experiment=best_folder` on a Kermany/Kaggle image folder.
 
     python benchmarks/accuracy.py              # 3 seeds of each
     python benchmarks/accuracy.py --seeds 5
+    python benchmarks/accuracy.py --seeds 3 --first-seed 4   # seeds 4, 5, 6: a fresh set of runs
     python benchmarks/accuracy.py --quick      # one seed, one short epoch: a smoke test
     python benchmarks/accuracy.py --calibration temperature   # temperature scaling fitted on val
     python benchmarks/accuracy.py --folder PATH [--heldout TEST_PATH]
@@ -93,13 +94,14 @@ def summarize(name: str, results: list[dict[str, Any]]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    parser.add_argument("--first-seed", type=int, default=1, help="the first seed; the others follow it (default 1)")
     parser.add_argument("--quick", action="store_true", help="one seed and one short epoch, as a smoke test")
     parser.add_argument("--calibration", choices=["none", "temperature"], default="none",
                         help="calibration of the recipe (default none)")
     parser.add_argument("--folder", type=Path, help="a Kermany/Kaggle folder: run +experiment=best_folder on it instead")
     parser.add_argument("--heldout", type=Path, help="with --folder: a folder of test images to evaluate each run on once")
     args = parser.parse_args()
-    seeds = [1] if args.quick else list(range(1, args.seeds + 1))
+    seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     quick = ["trainer.max_epochs=1", "trainer.limit_train_batches=10"] if args.quick else []
     common = ["trainer.enable_progress_bar=false", *quick]
 

@@ -104,6 +104,41 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
 
 
+def return_freed_memory() -> None:
+    """Hands the pages that glibc's malloc holds free back to the system (malloc_trim, about 3 ms).
+    Each thread that allocates (torch's other OpenMP threads) has an arena of its own, which keeps
+    much of what is freed in it: at 10,000 images of 128 px the val predictions alone left a run
+    208 MB larger, and the peak grew with the folder (README, Performance). Nothing happens off
+    glibc (macOS, musl), whose allocators are others."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
+def freed_memory_returner(every_seconds: float = 1.0) -> Any:
+    """A callback that calls return_freed_memory after a batch of any loop, at most every
+    `every_seconds`: often enough that a long epoch's freed buffers do not pile up (a 40,000-image
+    folder at 128 px: a step takes about 0.4 s), seldom enough to cost nothing measurable at 28 px."""
+    from lightning.pytorch.callbacks import Callback
+
+    class ReturnFreedMemory(Callback):
+        def __init__(self) -> None:
+            self._returned_at = time.monotonic()
+
+        def _after_batch(self, *args: Any) -> None:
+            now = time.monotonic()
+            if now - self._returned_at >= every_seconds:
+                return_freed_memory()
+                self._returned_at = now
+
+        on_train_batch_end = on_validation_batch_end = on_test_batch_end = _after_batch
+
+    return ReturnFreedMemory()
+
+
 def progress_bar(refresh_seconds: float = 0.1) -> Any:
     """Lightning's progress bar (Rich where it is installed, as Lightning would choose, else tqdm),
     redrawn at most every `refresh_seconds` rather than after every batch, and without `v_num`:

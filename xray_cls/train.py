@@ -15,7 +15,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from xray_cls.cli import CONFIG_DIR, error_line, exit_on_user_error, progress_bar, quiet_libraries, run_error
+from xray_cls.cli import (
+    CONFIG_DIR, error_line, exit_on_user_error, freed_memory_returner, progress_bar, quiet_libraries, return_freed_memory, run_error,
+)
 from xray_cls.errors import RunInterrupted, UserInputError
 from xray_cls.files import write_csv, write_json
 
@@ -87,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
 
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    best = None
     if best_path is not None:  # loaded once: the threshold rule and the test both use it
         best = torch.load(best_path, map_location="cpu", weights_only=True)
         module.load_state_dict(best["state_dict"])
@@ -101,8 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             record_val_choices(best_path, best, threshold, module.temperature)
         last_path = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
         if last_path is not None and last_path != best_path and last_path.is_file():
-            last = torch.load(last_path, map_location="cpu", weights_only=True)
-            record_val_choices(last_path, last, threshold, module.temperature)
+            record_val_choices(last_path, torch.load(last_path, map_location="cpu", weights_only=True), threshold, module.temperature)
+    best = None  # its optimizer state (twice the weights, for Adam) need not stay through the test
     run = {
         "last_epoch": last_epoch,
         "best_checkpoint": {
@@ -158,11 +161,11 @@ def val_predictions(module: Any, datamodule: Any) -> tuple[Any, Any]:
     import torch
 
     val = datamodule.splits["val"]
-    logits = torch.cat([
-        module.predict_logits(datamodule.preprocess(images.to(module.device))).cpu()
-        for images in val.batches(datamodule.batch_size)
-    ])
-    return logits, val.labels.cpu()
+    logits = []
+    for images in val.batches(datamodule.batch_size):
+        logits.append(module.predict_logits(datamodule.preprocess(images.to(module.device))).cpu())
+        return_freed_memory()  # else each batch's freed activations pile up in the threads' arenas
+    return torch.cat(logits), val.labels.cpu()
 
 
 def fit_calibration(cfg: DictConfig, val_logits: Any, val_labels: Any) -> float:
@@ -234,6 +237,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
             "part of callbacks=default); add callbacks with callbacks=[default,early_stopping]"
         )
     callbacks.append(ResumableTraining(last_checkpoint=expected / "last.ckpt"))
+    callbacks.append(freed_memory_returner())
     # callbacks.progress_bar (part of callbacks=default); Lightning refuses a bar it was told not to show.
     bars = [c for c in callbacks if isinstance(c, ProgressBar)]
     if not cfg.trainer.get("enable_progress_bar", True):

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 
 # The decoded, resized images of a split folder are cached on disk, keyed by everything that
-# changes them: each file's resolved path, label, size, times and inode, the image size and
-# geometry, the bit-depth rule and entry format (bump CACHE_FORMAT when either changes) and the
-# decoders' versions.
+# changes them: the resolved split folders, each file's absolute path, label, size, times and
+# inode (stat follows a symlink, so its target's), the image size and geometry, the bit-depth
+# rule and entry format (bump CACHE_FORMAT when either changes) and the decoders' versions.
 CACHE_FORMAT = 3
 
 
@@ -49,10 +49,11 @@ def cache_path(
         f"{CACHE_FORMAT}\n{size}\n{geometry}\n{BIT_DEPTHS}\nPillow {PIL.__version__}\npydicom {pydicom.__version__}\n".encode()
     )
     for path, label in zip(paths, labels):
-        # ctime changes with every write, even one whose mtime was set back; the inode with a replaced file
+        # ctime changes with every write, even one whose mtime was set back; the inode with a replaced
+        # file. abspath, not resolve: resolving each file cost ~35k lstat calls at 5,000 images.
         stat = path.stat()
         content.update(
-            f"{path.resolve()}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\t{stat.st_ino}\n".encode()
+            f"{os.path.abspath(path)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\t{stat.st_ino}\n".encode()
         )
     return cache_dir / f"{folder_id}-{size}-{geometry}-{content.hexdigest()[:24]}.npy"
 
