@@ -12,7 +12,7 @@ from torchmetrics.classification import BinaryAccuracy
 from xray_cls.classifier import LossAccuracy, XrayClassifier
 from xray_cls.errors import TrainingDivergedError, UserInputError
 from xray_cls.metrics import bootstrap_intervals, choose_threshold
-from xray_cls.train import positive_class_weight, train
+from xray_cls.train import label_smoothing, positive_class_weight, train
 
 
 def test_loss_accuracy_matches_torchmetrics_over_uneven_batches() -> None:
@@ -61,6 +61,26 @@ def test_pos_weight_scales_the_loss_of_positive_images() -> None:
     assert weighted.loss(logits, labels).item() == pytest.approx((per_image * weights).mean().item())
 
 
+def test_label_smoothing_softens_the_training_targets_only() -> None:
+    net = {"_target_": "xray_cls.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
+    module = XrayClassifier(net=net, label_smoothing=0.2)
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, 1, 4, 4), torch.tensor([1, 0, 1, 1, 0, 0])
+    logits = module(images).detach()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    smoothed = bce(logits, torch.tensor([0.9, 0.1, 0.9, 0.9, 0.1, 0.1]))
+    assert module.training_step((images, labels), 0).item() == pytest.approx(smoothed.item(), rel=1e-6)
+    loss, _, _ = module._step((images, labels))  # validation and test: the plain loss
+    assert loss.item() == pytest.approx(bce(logits, labels.float()).item(), rel=1e-6)
+    assert abs(loss.item() - smoothed.item()) > 1e-3
+
+
+@pytest.mark.parametrize("setting", [1, -0.1, "some", True])
+def test_invalid_label_smoothing_is_named(setting: object) -> None:
+    with pytest.raises(UserInputError, match=f"loss.label_smoothing={setting!r} is not valid"):
+        label_smoothing(setting)
+
+
 def test_bootstrap_interval_of_accuracy_matches_the_binomial_spread() -> None:
     torch.manual_seed(0)
     labels = torch.randint(0, 2, (400,))
@@ -104,6 +124,26 @@ def test_youden_threshold_beats_every_other_threshold(seed: int) -> None:
         assert sum(rates(probs, labels, t)) <= sens + spec + 1e-9
 
 
+def test_youden_neutral_takes_the_threshold_nearest_one_half_within_one_image_of_the_best() -> None:
+    # 20 NORMAL, 40 PNEUMONIA: one NORMAL at 0.3 among the PNEUMONIA images, which reach down to 0.1.
+    normal = torch.cat([torch.linspace(0.0, 0.05, 19), torch.tensor([0.3])])
+    pneumonia = torch.linspace(0.1, 1.0, 40)
+    probs, labels = torch.cat([normal, pneumonia]), torch.tensor([0] * 20 + [1] * 40)
+    youden = choose_threshold("youden", probs, labels, fixed=0.5, target_sensitivity=0.95)
+    neutral = choose_threshold("youden_neutral", probs, labels, fixed=0.5, target_sensitivity=0.95)
+    assert youden["threshold"] < 0.1  # every PNEUMONIA image called, the NORMAL one at 0.3 too
+    assert (youden["val_sensitivity"], youden["val_specificity"]) == pytest.approx((1.0, 19 / 20))
+    # Within 1/20 of the best J: any cut up to the 0.3 NORMAL image costs PNEUMONIA images of 1/40
+    # each, so two of them (J 0.95 - 2/40) are allowed; the third is not. 0.5 itself is not.
+    sens, spec = rates(probs, labels, neutral["threshold"])
+    assert (sens, spec) == pytest.approx((neutral["val_sensitivity"], neutral["val_specificity"]))
+    assert sens + spec >= youden["val_sensitivity"] + youden["val_specificity"] - 1 / 20 - 1e-9
+    pneumonia_below = int((pneumonia <= neutral["threshold"]).sum())
+    assert pneumonia_below == 2 and neutral["threshold"] < pneumonia[2]
+    wide = choose_threshold("youden_neutral", torch.tensor([0.01, 0.02, 0.98, 0.99]), torch.tensor([0, 0, 1, 1]), 0.5, 0.95)
+    assert wide["threshold"] == pytest.approx(0.5)  # separable: the middle of the gap, not its edge
+
+
 @pytest.mark.parametrize("target", [0.8, 0.95, 1.0])
 def test_sensitivity_threshold_is_the_highest_that_reaches_the_target(target: float) -> None:
     probs, labels = random_predictions(3)
@@ -123,7 +163,7 @@ def test_fixed_threshold_reports_its_val_rates() -> None:
 
 def test_unknown_threshold_rule_lists_the_rules() -> None:
     probs, labels = random_predictions(5)
-    with pytest.raises(UserInputError, match="threshold_rule='best'.*expected one of fixed, youden, sensitivity"):
+    with pytest.raises(UserInputError, match="threshold_rule='best'.*expected one of fixed, youden, youden_neutral, sensitivity"):
         choose_threshold("best", probs, labels, fixed=0.5, target_sensitivity=0.95)
 
 

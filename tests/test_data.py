@@ -35,6 +35,7 @@ from xray_cls.data import (
     read_npz,
     resize_uint8,
 )
+from xray_cls.data.augment import mixup
 from xray_cls.errors import UserInputError
 
 # --- bundled PneumoniaMNIST ---------------------------------------------------------------------
@@ -208,20 +209,42 @@ def test_strong_preset_keeps_shape_and_range_and_repeats_with_the_seed() -> None
     assert not torch.allclose(first, images)
 
 
+def test_mixup_blends_images_and_labels_by_the_same_weight() -> None:
+    labels = torch.tensor([0, 1] * 32)
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone()  # every pixel is the image's label
+    torch.manual_seed(3)
+    mixed, soft = mixup(images, labels, alpha=1.0)
+    torch.testing.assert_close(mixed.mean(dim=(1, 2, 3)), soft)  # so each image's blend is its label's
+    assert soft.dtype == torch.float32 and 0 <= soft.min() and soft.max() <= 1
+    assert ((soft > 0) & (soft < 1)).any()  # pairs of unlike images got soft labels
+    torch.manual_seed(3)
+    again = mixup(images, labels, alpha=1.0)
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], soft)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, "much", True])
+def test_invalid_mixup_is_named(alpha: object) -> None:
+    with pytest.raises(UserInputError, match=re.escape(f"data.mixup={alpha!r} is not valid")):
+        PneumoniaMNISTDataModule(mixup=alpha)
+
+
 class BatchProbe(L.LightningModule):
-    """Records the batches the Trainer hands to each stage."""
+    """Records the batches (images and labels) the Trainer hands to each stage."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(1, 1)
         self.seen: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+        self.labels: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001
         self.seen["train"].append(batch[0])
+        self.labels["train"].append(batch[1])
         return self.layer(batch[0].mean().view(1, 1)).sum()
 
     def validation_step(self, batch, batch_idx):  # noqa: ANN001
         self.seen["val"].append(batch[0])
+        self.labels["val"].append(batch[1])
 
     def configure_optimizers(self):  # noqa: ANN201
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -242,6 +265,20 @@ def test_augmentation_reaches_training_batches_only() -> None:
     augmented_values = {round(v, 4) for v in train_batch.unique().tolist()}
     # Resampling and contrast make values that no raw uint8 pixel maps to.
     assert len(augmented_values - raw_values) > 100
+
+
+def test_mixup_reaches_training_batches_only() -> None:
+    dm = PneumoniaMNISTDataModule(mixup=0.4, batch_size=64)
+    probe = BatchProbe()
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(probe, datamodule=dm)
+    train_labels = torch.cat(probe.labels["train"])
+    assert ((train_labels > 0) & (train_labels < 1)).any()
+    torch.testing.assert_close(probe.labels["val"][0], dm.splits["val"].labels[:64])
+    torch.testing.assert_close(probe.seen["val"][0], dm.preprocess(dm.splits["val"].images[:64]))
 
 
 # --- bad input ----------------------------------------------------------------------------------

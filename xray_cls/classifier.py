@@ -42,7 +42,7 @@ class LossAccuracy(Metric):
 
     def update(self, loss: Tensor, probs: Tensor, labels: Tensor) -> None:
         n = labels.numel()
-        correct = ((probs > self.threshold) == labels.bool()).sum()
+        correct = ((probs > self.threshold) == (labels > 0.5)).sum()  # soft labels: their majority class
         self.sums.add_(torch.stack([loss.detach().float() * n, correct.float(), torch.full_like(self.sums[0], n)]))
 
     def compute(self) -> dict[str, Tensor]:
@@ -74,6 +74,7 @@ class XrayClassifier(L.LightningModule):
         preprocessing: dict[str, Any] | None = None,
         threshold_rule: dict[str, Any] | None = None,  # how `threshold` was chosen, once it was
         temperature: float = 1.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its own curated hparams
@@ -102,6 +103,7 @@ class XrayClassifier(L.LightningModule):
         self.test_results: dict[str, Any] = {}
         self.threshold = threshold
         self.temperature = float(temperature)
+        self.label_smoothing = float(label_smoothing)
 
     def set_threshold(self, threshold: float) -> None:
         """The threshold the test metrics call PNEUMONIA above (chosen on val after training)."""
@@ -151,8 +153,11 @@ class XrayClassifier(L.LightningModule):
         return self.loss(logits, labels.float()), torch.sigmoid(logits), labels
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, probs, labels = self._step(batch)
-        self.train_stats.update(loss, probs, labels)
+        images, labels = batch  # labels are soft (float) under data.mixup
+        logits = self(images).float()
+        targets = labels.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
+        loss = self.loss(logits, targets)
+        self.train_stats.update(loss, torch.sigmoid(logits), labels)
         return loss
 
     def on_train_epoch_end(self) -> None:

@@ -74,6 +74,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         threshold=cfg.threshold,
         pos_weight=positive_class_weight(cfg.loss.pos_weight, datamodule.splits["train"].class_counts()),
         preprocessing=datamodule.preprocessing(),
+        label_smoothing=label_smoothing(cfg.loss.get("label_smoothing", 0.0)),
     )
     input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     log.info("network:\n%s", run_report.network_summary(module.net, input_shape))
@@ -216,6 +217,15 @@ def positive_class_weight(setting: float | str | None, class_counts: list[int]) 
     raise UserInputError(f"loss.pos_weight={setting!r} is not valid; expected null, balanced or a positive number")
 
 
+def label_smoothing(setting: float) -> float:
+    """loss.label_smoothing: a number in [0, 1) (0: hard 0/1 targets)."""
+    from xray_cls.errors import UserInputError
+
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool) and 0 <= setting < 1:
+        return float(setting)
+    raise UserInputError(f"loss.label_smoothing={setting!r} is not valid; expected a number in [0, 1)")
+
+
 def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     """The configured Trainer with the `logger` and `callbacks` configs; checkpoints go to
     out_dir/checkpoints (callbacks.model_checkpoint), which resuming and testing rely on."""
@@ -283,6 +293,8 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
         "dropout": cfg.model.get("dropout", 0.0),
         "aug": cfg.data.aug,
         "aspect": cfg.data.get("aspect", 0.0),
+        "mixup": cfg.data.get("mixup", 0.0),
+        "label_smoothing": cfg.loss.get("label_smoothing", 0.0),
         "lr": cfg.optimizer.lr,
         "pos_weight": "none" if cfg.loss.pos_weight is None else cfg.loss.pos_weight,
         "threshold_rule": cfg.threshold_rule,

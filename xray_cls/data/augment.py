@@ -77,6 +77,21 @@ def _uniform(shape: int | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.rand(shape, device=like.device, dtype=like.dtype) * 2 - 1
 
 
+def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """mixup (Zhang et al., 2018): the batch blended with a shuffled copy of itself, images and labels
+    alike, by one Beta(alpha, alpha) weight. Labels come back as float soft targets."""
+    weight = torch.distributions.Beta(alpha, alpha).sample().to(images.device, images.dtype)
+    order = torch.randperm(images.shape[0], device=images.device)
+    soft = labels.to(images.dtype)
+    return weight * images + (1 - weight) * images[order], weight * soft + (1 - weight) * soft[order]
+
+
+def check_mixup(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 10:
+        raise UserInputError(f"data.mixup={alpha!r} is not valid; expected a number in [0, 10] (0: off)")
+    return float(alpha)
+
+
 def augment_preset(name: str, aspect: float = 0.0) -> Augment:
     """The preset `name`, with aspect-ratio jitter `aspect` on top."""
     if name not in AUGMENT_PRESETS:

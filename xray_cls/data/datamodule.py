@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from xray_cls.data.augment import BatchAugment, augment_preset
+from xray_cls.data.augment import BatchAugment, augment_preset, check_mixup, mixup
 from xray_cls.data.images import check_geometry
 from xray_cls.errors import UserInputError
 
@@ -152,6 +152,7 @@ class XrayDataModule(L.LightningDataModule):
         batch_size: int = 32,
         aug: str = "none",
         aspect: float = 0.0,
+        mixup: float = 0.0,
         num_workers: int = 0,
         pin_memory: bool = False,
         on_device: bool = True,
@@ -170,6 +171,7 @@ class XrayDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.aug = aug
         self.augment = BatchAugment(augment_preset(aug, aspect))
+        self.mixup = check_mixup(mixup)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.on_device = on_device
@@ -234,7 +236,10 @@ class XrayDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        return self.preprocess(images, train=training), labels
+        images = self.preprocess(images, train=training)
+        if training and self.mixup:
+            images, labels = mixup(images, labels, self.mixup)
+        return images, labels
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.splits:
