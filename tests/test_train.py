@@ -187,10 +187,6 @@ def test_a_local_folder_run_shows_no_library_noise(kermany_root: Path, tmp_path:
     """On a machine with SLURM installed (a fake `srun` on PATH), outside a SLURM job, with the
     progress bar on and warnings shown: no `srun` hint, no torchmetrics warning from a one-class
     sanity check, no `v_num` in the bar."""
-    import os
-    import subprocess
-    import sys
-
     from hydra.utils import instantiate
 
     bin_dir = tmp_path / "bin"
