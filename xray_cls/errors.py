@@ -1,5 +1,9 @@
 """Errors a user can act on. The CLI prints them as one line, without a traceback."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class RunError(Exception):
     """A run cannot go on for a reason on the user's side; the message says what to change."""
@@ -15,3 +19,9 @@ class TrainingDivergedError(RunError, FloatingPointError):
 
 class RunInterrupted(RunError):
     """The user stopped the run (Ctrl+C); the message says where its checkpoint is."""
+
+
+def is_number(value: Any, kind: type | tuple[type, ...] = (int, float)) -> bool:
+    """Whether a config value is a number (of `kind`). YAML's true and false are not, although
+    Python counts bool as an int."""
+    return isinstance(value, kind) and not isinstance(value, bool)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from xray_cls.cli import (
     CONFIG_DIR, error_line, exit_on_user_error, freed_memory_returner, progress_bar, quiet_libraries, return_freed_memory, run_error,
 )
-from xray_cls.errors import RunInterrupted, UserInputError
+from xray_cls.errors import RunInterrupted, UserInputError, is_number
 from xray_cls.files import write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -205,23 +205,19 @@ def decide_threshold(cfg: DictConfig, val_probs: Any, val_labels: Any) -> dict[s
 
 def positive_class_weight(setting: float | str | None, class_counts: list[int]) -> float | None:
     """loss.pos_weight: null (no weighting), a number, or `balanced` (NORMAL / PNEUMONIA counts of train)."""
-    from xray_cls.errors import UserInputError
-
     if setting is None:
         return None
     if setting == "balanced":
         negatives, positives = class_counts
         return negatives / positives
-    if isinstance(setting, (int, float)) and not isinstance(setting, bool) and setting > 0:
+    if is_number(setting) and setting > 0:
         return float(setting)
     raise UserInputError(f"loss.pos_weight={setting!r} is not valid; expected null, balanced or a positive number")
 
 
 def label_smoothing(setting: float) -> float:
     """loss.label_smoothing: a number in [0, 1) (0: hard 0/1 targets)."""
-    from xray_cls.errors import UserInputError
-
-    if isinstance(setting, (int, float)) and not isinstance(setting, bool) and 0 <= setting < 1:
+    if is_number(setting) and 0 <= setting < 1:
         return float(setting)
     raise UserInputError(f"loss.label_smoothing={setting!r} is not valid; expected a number in [0, 1)")
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xray_cls.errors import UserInputError
+from xray_cls.errors import UserInputError, is_number
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[tor
 
 
 def check_mixup(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 10:
+    if not is_number(alpha) or not 0 <= alpha <= 10:
         raise UserInputError(f"data.mixup={alpha!r} is not valid; expected a number in [0, 10] (0: off)")
     return float(alpha)
 
@@ -99,6 +99,6 @@ def augment_preset(name: str, aspect: float = 0.0) -> Augment:
             f"data.aug={name!r} is not a known augmentation preset; expected one of "
             f"{', '.join(AUGMENT_PRESETS)}"
         )
-    if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or not 0 <= aspect < 10:
+    if not is_number(aspect) or not 0 <= aspect < 10:
         raise UserInputError(f"data.aspect={aspect!r} is not valid; expected a number in [0, 10)")
     return replace(AUGMENT_PRESETS[name], aspect=float(aspect))

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xray_cls.data.augment import BatchAugment, augment_preset, check_mixup, mixup
 from xray_cls.data.images import check_geometry
-from xray_cls.errors import UserInputError
+from xray_cls.errors import UserInputError, is_number
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,9 @@ class XrayDataModule(L.LightningDataModule):
         geometry: str = "crop",
     ) -> None:
         super().__init__()
-        if image_size is not None and (
-            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0
-        ):
+        if image_size is not None and (not is_number(image_size, int) or image_size <= 0):
             raise UserInputError(f"data.image_size={image_size!r} is not valid; expected a positive integer")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_number(batch_size, int) or batch_size <= 0:
             raise UserInputError(f"data.batch_size={batch_size!r} is not valid; expected a positive integer")
         self.geometry = check_geometry(geometry, "data.geometry")
         self.requested_size = image_size

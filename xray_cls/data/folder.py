@@ -13,7 +13,7 @@ import torch
 from xray_cls.data.cache import cache_path, cached_images
 from xray_cls.data.datamodule import CLASS_NAMES, Split, XrayDataModule
 from xray_cls.data.images import IMAGE_SUFFIXES, decode_images, is_image_file
-from xray_cls.errors import UserInputError
+from xray_cls.errors import UserInputError, is_number
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class ImageFolderDataModule(XrayDataModule):
         if not root:
             raise UserInputError("data.root is not set; expected data.root=/path/to/chest_xray")
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            if not is_number(fraction) or not 0 < fraction < 1:
                 raise UserInputError(f"data.{name}={fraction!r} is not valid; expected a number in (0, 1)")
         self.root = Path(root).expanduser()
         self.val_fraction = val_fraction
