@@ -154,10 +154,9 @@ class XrayClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch  # labels are soft (float) under data.mixup
-        logits = self(images).float()
         targets = labels.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
-        loss = self.loss(logits, targets)
-        self.train_stats.update(loss, torch.sigmoid(logits), labels)
+        loss, probs, _ = self._scored(self(images).float(), targets)
+        self.train_stats.update(loss, probs, labels)  # accuracy against the labels, not the smoothed targets
         return loss
 
     def on_train_epoch_end(self) -> None:
