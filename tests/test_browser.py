@@ -4,7 +4,7 @@ The screenshot test needs Chromium (Debian's `chromium` package, which .ci/run i
 skipped without it. The HTTP API test needs only TensorBoard and always runs.
 
 docs/tensorboard_scalars.png is made by this module's code path, on a default run:
-    cd /tmp && python -m xray_cls model=mlp trainer.enable_progress_bar=false
+    cd /tmp && python -m xray_cls model=mlp
     python tests/test_browser.py /tmp/outputs/<date>/<time> docs/tensorboard_scalars.png
 """
 

@@ -82,7 +82,7 @@ BAD_CHECKPOINTS = {
     "truncated": (_truncated, "is not a readable checkpoint"),
     "foreign state dict": (_foreign_state_dict, "not an xray_cls checkpoint"),
     "foreign network target": (_foreign_target, "not an xray_cls checkpoint that can be trusted"),
-    "pickled code": (_code_in_pickle, "is not a readable checkpoint"),
+    "pickled code": (_code_in_pickle, "is not a plain checkpoint: it holds Python objects (getattr) that could run code"),
 }
 
 
@@ -94,6 +94,7 @@ def test_bad_checkpoints_are_refused_with_their_path(case: str, cnn_run: Path, t
     with pytest.raises(UserInputError) as caught:
         load_classifier(path)
     assert str(path) in str(caught.value) and expected in str(caught.value)
+    assert "weights_only" not in str(caught.value)  # never the advice to load it the unsafe way
     assert not path.with_suffix(".pwned").exists()  # weights_only loading ran no pickled code
 
 
@@ -257,3 +258,82 @@ def test_last_checkpoint_carries_the_runs_threshold(cnn_run: Path, kermany_root:
     csv_path = predict(compose_config(tmp_path, [f"ckpt={last}", f"input={kermany_root / 'test'}"], name="predict"))
     rows = csv_path.read_text().splitlines()[1:]
     assert rows and all(row.split(",")[3] == f"{metrics['threshold']:.6f}" for row in rows)
+
+
+# Checkpoints whose sizes lie: small files whose arguments would build networks or tensors out of
+# all proportion to what they hold.
+
+
+def _mlp_checkpoint(mlp_run: Path, path: Path, **net: object) -> Path:
+    checkpoint = torch.load(mlp_run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["net"].update(net)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_network_arguments_are_checked_against_the_state_dict_before_anything_is_built(mlp_run: Path, tmp_path: Path) -> None:
+    """hidden=[1000000] in a 1 MB file once built a 3.9 GB network before the mismatch was found."""
+    path = _mlp_checkpoint(mlp_run, tmp_path / "wide.ckpt", hidden=[1_000_000])
+    built: list[int] = []
+    original = torch.nn.Linear.__init__
+
+    def counting(self: torch.nn.Linear, in_features: int, out_features: int, *args: object, **kwargs: object) -> None:
+        if kwargs.get("device") is None and torch.get_default_device().type != "meta":
+            built.append(in_features * out_features)
+        original(self, in_features, out_features, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Linear, "__init__", counting)
+        with pytest.raises(UserInputError) as refused:
+            load_classifier(path)
+    assert str(refused.value).startswith(
+        f"ckpt={path} does not match the network it names (8 tensor(s) differ; net.head.0.bias: the arguments build [1000000], "
+        "the file holds [256])"
+    )
+    assert built == []  # not a single real layer was allocated
+
+
+def test_a_network_argument_listing_200000_layers_is_refused_unbuilt(mlp_run: Path, tmp_path: Path) -> None:
+    path = _mlp_checkpoint(mlp_run, tmp_path / "deep.ckpt", hidden=[1] * 200_000)
+    with pytest.raises(UserInputError, match=re.escape("net.hidden has 200,000 items; a network argument holds at most 64")):
+        load_classifier(path)
+
+
+def _with_image_size(mlp_run: Path, path: Path, image_size: object) -> Path:
+    checkpoint = torch.load(mlp_run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["preprocessing"]["image_size"] = image_size
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_preprocessing_image_size_is_checked_by_every_command(mlp_run: Path, tmp_path: Path) -> None:
+    """12000 once meant an 18.4 GB allocation in predict; -1 and 0 a ValueError and a ZeroDivisionError."""
+    ckpt = _with_image_size(mlp_run, tmp_path / "model.ckpt", 12000)
+    for module, args in [("xray_cls.predict", [f"input={tmp_path}"]), ("xray_cls.evaluate", []), ("xray_cls.export", [])]:
+        result = run_cli([f"ckpt={ckpt}", *args, f"hydra.run.dir={tmp_path / module}"], cwd=tmp_path, module=module)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [
+            f"error: ckpt={ckpt} is not an xray_cls checkpoint that can be trusted: preprocessing.image_size=12000 is not an "
+            "integer from 1 to 2048; expected a .ckpt file written by an xray_cls run (outputs/<run>/checkpoints/best.ckpt or last.ckpt)"
+        ]
+
+
+@pytest.mark.parametrize("image_size", [-1, 0, 28.5, "28"])
+def test_preprocessing_image_size_must_be_a_size(mlp_run: Path, tmp_path: Path, image_size: object) -> None:
+    ckpt = _with_image_size(mlp_run, tmp_path / "model.ckpt", image_size)
+    with pytest.raises(UserInputError, match=re.escape(f"can be trusted: preprocessing.image_size={image_size} is not an integer")):
+        load_classifier(ckpt)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("std", 0.0, "preprocessing.std=0.0 is not a positive number"),
+    ("mean", float("nan"), "preprocessing.mean=nan is not a finite number"),
+    ("in_channels", 3000, "preprocessing.in_channels=3000 is not an integer from 1 to 4"),
+    ("geometry", "squash", "preprocessing.geometry='squash' is not one of crop, stretch"),
+])
+def test_every_preprocessing_value_is_bounded(mlp_run: Path, tmp_path: Path, key: str, value: object, expected: str) -> None:
+    checkpoint = torch.load(mlp_run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["preprocessing"][key] = value
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+    with pytest.raises(UserInputError, match=re.escape(f"can be trusted: {expected}")):
+        load_classifier(tmp_path / "model.ckpt")

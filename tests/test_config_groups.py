@@ -48,9 +48,18 @@ def test_debug_configs_set_the_trainer(tmp_path: Path) -> None:
     assert trainer.overfit_batches == 3
 
 
+def test_debug_fast_shows_what_a_user_sees(tmp_path: Path) -> None:
+    """The tests' short runs use debug=fast: it must not hide the progress bar, whose DDP crash it once hid."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    cfg = compose_config(tmp_path, ["debug=fast"])
+    assert cfg.trainer.enable_progress_bar is True
+    assert any(isinstance(c, ProgressBar) for c in build_trainer(cfg, Path(cfg.paths.output_dir)).callbacks)
+
+
 def test_debug_profiler_writes_its_report_to_the_run_folder(tmp_path: Path) -> None:
     overrides = ["debug=profiler", "model=mlp", "gradcam_samples=0", "trainer.limit_train_batches=3",
-                 "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+                 "trainer.limit_val_batches=2"]
     train(compose_config(tmp_path, overrides))
     report = (tmp_path / "fit-profile.txt").read_text()
     assert "run_training_epoch" in report and "Total" in report

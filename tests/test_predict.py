@@ -50,7 +50,9 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_folder_gives_one_row_per_readable_image(cnn_run: Path, mixed_folder: Path, tmp_path: Path, capsys) -> None:
     ckpt = cnn_run / "checkpoints" / "best.ckpt"
-    csv_path = predict_in(tmp_path / "out", ckpt, mixed_folder, "gradcam=true")
+    csv_path = tmp_path / "out" / "predictions.csv"
+    with pytest.raises(UserInputError, match=rf"1 of 11 image file\(s\) could not be read .*other 10 are in {csv_path}"):
+        predict_in(tmp_path / "out", ckpt, mixed_folder, "gradcam=true")  # broken.jpeg fails the command, after the CSV
     rows = read_rows(csv_path)
     readable = [p for p in mixed_folder.rglob("*") if p.suffix.lower() in {".png", ".jpeg", ".jpg"}
                 and not p.name.startswith(".") and p.name != "broken.jpeg"]

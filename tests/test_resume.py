@@ -25,8 +25,7 @@ from xray_cls.train import train
 
 # Long enough epochs (about 150 steps) that a signal sent after the first one lands mid-epoch;
 # augmentation and dropout make the result depend on the random generators being restored.
-RUN = ["model=mlp", "data.aug=strong", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
-       "gradcam_samples=0", "bootstrap.resamples=100"]
+RUN = ["model=mlp", "data.aug=strong", "trainer.max_epochs=3", "gradcam_samples=0", "bootstrap.resamples=100"]
 
 
 def start_run(run_dir: Path, cwd: Path) -> subprocess.Popen:

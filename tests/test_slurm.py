@@ -28,8 +28,7 @@ CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 # Three epochs, long enough (20 steps; 80 per process under DDP, whose steps are quicker here)
 # that the requeue lands in the third; augmentation and dropout make the result depend on the
 # random generators being restored.
-RUN = ["model=mlp", "trainer.max_epochs=3",
-       "trainer.enable_progress_bar=false", "gradcam_samples=0", "bootstrap.resamples=100"]
+RUN = ["model=mlp", "trainer.max_epochs=3", "gradcam_samples=0", "bootstrap.resamples=100"]
 LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
             "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
 DDP = ["hydra.launcher.tasks_per_node=2", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",

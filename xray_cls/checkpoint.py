@@ -1,4 +1,5 @@
-"""Reading a run's checkpoint safely and rebuilding the trained classifier from it.
+"""Reading a run's checkpoint safely and rebuilding the trained classifier from it, and writing
+checkpoints so that no crash, kill or full disk ever leaves a truncated one.
 
 A checkpoint is loaded with `weights_only=True`: tensors and plain containers only, never
 arbitrary pickled code. Nothing in it is instantiated: its network must be one of
@@ -10,12 +11,18 @@ read: evaluation does not need them, and a resumed run builds its own from its c
 
 from __future__ import annotations
 
+import errno
+import io
+import math
+import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from xray_cls.errors import UserInputError
+from xray_cls.errors import RunError, UserInputError
 from xray_cls.files import atomic_write
 
 if TYPE_CHECKING:
@@ -34,7 +41,14 @@ def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise UserInputError(f"{option}={path} cannot be read (permission denied)") from None
-    except Exception as err:  # truncated zip, foreign pickle, refused global, ...: all mean "not ours"
+    except pickle.UnpicklingError as err:  # weights_only refused an object: the file tried to be more than data
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserInputError(
+            f"{option}={path} is not a plain checkpoint: it holds Python objects{what} that could run code when loaded, "
+            f"so it will not be loaded; expected {EXPECTED}"
+        ) from None
+    except Exception as err:  # truncated zip, foreign file, ...: all mean "not ours"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserInputError(
             f"{option}={path} is not a readable checkpoint ({reason[:200]}); expected {EXPECTED}"
@@ -66,6 +80,8 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
             return f"net has the key {str(key)[:100]!r}, which is not a network argument"
         if not _is_plain(value, lists=True):
             return f"net.{key} is {_kind(value)}, not a number, string, boolean, None or a list of those"
+        if type(value) in (list, tuple) and len(value) > MAX_LIST_ARGUMENT:
+            return f"net.{key} has {len(value):,} items; a network argument holds at most {MAX_LIST_ARGUMENT}"
     if type(hparams.get("threshold", 0.5)) not in (int, float):
         return f"threshold is {_kind(hparams['threshold'])}, not a number"
     temperature = hparams.get("temperature", 1.0)
@@ -77,10 +93,36 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
         for key, value in (hparams.get(group) or {}).items():
             if not _is_plain(value, lists=True):
                 return f"{group}.{key} is {_kind(value)}, not a number, string or a list of those"
-    return None
+    return preprocessing_problem(hparams.get("preprocessing") or {})
 
 
 PLAIN_TYPES = (bool, int, float, str, type(None))
+MAX_LIST_ARGUMENT = 64  # layers or stages a network argument lists; the study's have 1 to 4
+
+
+def preprocessing_problem(prep: dict[str, Any]) -> str | None:
+    """What in a checkpoint's preprocessing is out of its bounds: these values size every tensor
+    that evaluate, predict and export allocate, so they are checked like any option."""
+    from xray_cls.data import GEOMETRIES, MAX_IMAGE_SIZE
+
+    def number(key: str) -> Any:
+        value = prep.get(key)
+        return value if type(value) in (int, float) and math.isfinite(value) else None
+
+    if type(prep.get("image_size")) is not int or not 1 <= prep["image_size"] <= MAX_IMAGE_SIZE:
+        return f"preprocessing.image_size={str(prep.get('image_size'))[:50]} is not an integer from 1 to {MAX_IMAGE_SIZE}"
+    if type(prep.get("in_channels")) is not int or not 1 <= prep["in_channels"] <= 4:
+        return f"preprocessing.in_channels={str(prep.get('in_channels'))[:50]} is not an integer from 1 to 4"
+    if number("mean") is None:
+        return f"preprocessing.mean={str(prep.get('mean'))[:50]} is not a finite number"
+    if number("std") is None or prep["std"] <= 0:
+        return f"preprocessing.std={str(prep.get('std'))[:50]} is not a positive number"
+    if "geometry" in prep and prep["geometry"] not in GEOMETRIES:
+        return f"preprocessing.geometry={str(prep['geometry'])[:50]!r} is not one of {', '.join(GEOMETRIES)}"
+    names = prep.get("class_names")
+    if type(names) is not list or len(names) != 2 or not all(type(n) is str and 0 < len(n) <= 100 for n in names):
+        return "preprocessing.class_names is not a list of 2 class names"
+    return None
 
 
 def _is_plain(value: Any, lists: bool = False) -> bool:
@@ -104,6 +146,7 @@ def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
 
     checkpoint = read_checkpoint(path, option)
     hparams = checkpoint["hyper_parameters"]
+    check_state_dict(hparams["net"], checkpoint["state_dict"], f"{option}={path}")
     trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule", "temperature")  # never optimizer or scheduler
     try:
         module = XrayClassifier(**{key: hparams[key] for key in trusted if key in hparams})
@@ -112,6 +155,28 @@ def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
         reason = str(err).strip().splitlines()[0]
         raise UserInputError(f"{option}={path} does not match the network it names ({reason[:200]})") from None
     return module.eval()
+
+
+def check_state_dict(net_cfg: dict[str, Any], state_dict: Any, source: str) -> None:
+    """The network `net_cfg` names, built on PyTorch's meta device (shapes, no memory), must have
+    exactly the tensors of `state_dict` (under `net.`): so that arguments that would build a
+    network far larger than the file (hidden=[1000000]) are refused before anything is allocated."""
+    from xray_cls.networks import build_network
+
+    try:
+        with torch.device("meta"):
+            expected = {f"net.{k}": tuple(v.shape) for k, v in build_network(net_cfg).state_dict().items()}
+    except Exception as err:  # noqa: BLE001  any argument may be hostile: a failure of any kind is "not buildable"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"{source} names a network that cannot be built ({reason[:200]})") from None
+    held = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(k, str) and k.startswith("net.") and isinstance(v, torch.Tensor)}
+    differ = sorted(k for k in expected.keys() | held.keys() if expected.get(k) != held.get(k))
+    if differ:
+        key = differ[0]
+        raise UserInputError(
+            f"{source} does not match the network it names ({len(differ)} tensor(s) differ; {key}: the arguments build "
+            f"{list(expected[key]) if key in expected else 'nothing'}, the file holds {list(held[key]) if key in held else 'nothing'})"
+        )
 
 
 def network_name(net_cfg: Any) -> str:
@@ -128,5 +193,51 @@ def record_val_choices(path: Path, checkpoint: dict[str, Any], threshold: dict[s
     checkpoint["hyper_parameters"]["threshold"] = threshold["threshold"]
     checkpoint["hyper_parameters"]["threshold_rule"] = threshold
     checkpoint["hyper_parameters"]["temperature"] = float(temperature)
-    with atomic_write(path) as tmp:
-        torch.save(checkpoint, tmp)
+    write_checkpoint(path, checkpoint)
+
+
+class DiskFull(RunError):
+    """A file could not be written because its disk (or quota) is full."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+WRITE_CHUNK = 2**20
+
+
+def write_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """`checkpoint` at `path`, serialized in memory, then written under a temporary name beside
+    `path`, flushed to disk (fsync) and renamed over it: a kill at any moment leaves the previous
+    file or the new one, whole. A full disk raises DiskFull naming the folder; the files written
+    before stay as they were."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    for orphan in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing it
+        orphan.unlink(missing_ok=True)  # only this process writes here: it holds the run folder's lock
+    try:
+        with atomic_write(path, durable=True) as tmp:
+            write_bytes(tmp, buffer.getbuffer())
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise DiskFull(
+                f"the disk of {path.parent} is full: {path.name} could not be written ({err.strerror}); the "
+                "checkpoints written before it are intact: free space, then resume with ckpt_path=<run>/checkpoints/last.ckpt"
+            ) from None
+        raise
+
+
+def write_bytes(path: Path, data: memoryview) -> None:
+    with path.open("wb") as f:
+        for start in range(0, len(data), WRITE_CHUNK):
+            f.write(data[start : start + WRITE_CHUNK])
+
+
+class DurableCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, through `write_checkpoint`. Lightning's own writes through an
+    fsspec transaction that stages the file in $TMPDIR and moves it into place: across file systems
+    that move is a copy, which a kill leaves truncated (a 0-byte last.ckpt), and a small $TMPDIR
+    fails the run although the run folder has room."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options; got {storage_options!r}")
+        write_checkpoint(Path(path), checkpoint)

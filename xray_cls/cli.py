@@ -3,6 +3,7 @@ folders, quiet libraries and one-line errors."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -88,6 +89,19 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
 def quiet_libraries() -> None:
     # Lightning adds its own console handler; Hydra's handlers (console and the run's log file) suffice.
     logging.getLogger("lightning").handlers.clear()
+    # pydicom's decoders log a traceback for every plugin that fails on a file before they raise; the
+    # file then gets its one line from xray_cls.data.images. (Not "pydicom" itself: importing pydicom
+    # sets that logger's level.)
+    logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)
+    # A file name that is not UTF-8 reaches the console as text with surrogates: shown escaped, not a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    # xray_cls.data.headers bounds every image from its header (Pillow's own error limit of pixels,
+    # counting the bit depth); Pillow's warning at half that limit would only repeat the check.
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)  # a cloud-service tip
     # The data lives in memory: loader worker processes would only add start-up time.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -163,23 +177,28 @@ def progress_bar(refresh_seconds: float = 0.1) -> Any:
             super().__init__(refresh_rate=max(1, round(1 / refresh_seconds)) if use_rich else 1)
             self._drawn_at = float("-inf")  # the first batch is drawn
 
-        def _due(self, done: int, total: float) -> bool:
+        def _due(self, done: int, total: Any) -> bool:
+            # On every process but the first the bar is disabled: Lightning then never sets the
+            # current dataloader, so its batch totals must not be asked for (under DDP they assert).
+            if self.is_disabled:
+                return False
             now = time.monotonic()
+            total = total()
             if done < total and now - self._drawn_at < refresh_seconds:
                 return False
             self._drawn_at = now
             return True
 
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            if self._due(batch_idx + 1, self.total_train_batches):
+            if self._due(batch_idx + 1, lambda: self.total_train_batches):
                 super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
 
         def on_validation_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int, *args: Any) -> None:
-            if trainer.sanity_checking or self._due(batch_idx + 1, self.total_val_batches_current_dataloader):
+            if trainer.sanity_checking or self._due(batch_idx + 1, lambda: self.total_val_batches_current_dataloader):
                 super().on_validation_batch_end(trainer, module, outputs, batch, batch_idx, *args)
 
         def on_test_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int, *args: Any) -> None:
-            if self._due(batch_idx + 1, self.total_test_batches_current_dataloader):
+            if self._due(batch_idx + 1, lambda: self.total_test_batches_current_dataloader):
                 super().on_test_batch_end(trainer, module, outputs, batch, batch_idx, *args)
 
         def get_metrics(self, *args: Any) -> dict[str, Any]:
@@ -191,10 +210,14 @@ def progress_bar(refresh_seconds: float = 0.1) -> Any:
 
 
 def run_error(err: BaseException | None) -> RunError | None:
-    """The RunError behind `err`, also when Hydra's instantiate wrapped it."""
+    """The RunError behind `err`, also when Hydra's instantiate wrapped it; a write that found its
+    disk full is one too (the user frees space), named by its file."""
     while err is not None:
         if isinstance(err, RunError):
             return err
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {err.filename}" if err.filename else ""
+            return RunError(f"the disk is full{where} ({err.strerror}); free space and run the command again")
         err = err.__cause__
     return None
 

@@ -7,7 +7,8 @@ first checkpoint's, with a warning.
 Writes predictions.csv (path, probability of PNEUMONIA, label at the run's threshold) to its
 output folder (`outputs/predict/<date>/<time>/`), and with gradcam=true one overlay PNG per image
 under gradcam/, mirroring the input folder. A folder is searched recursively; files that are not
-images are skipped and counted, unreadable images are skipped and named in the log.
+images are skipped and counted. Unreadable images are named in the log, one line each; the others
+are predicted and written, and then the command fails (exit status 2), so that a script notices.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from omegaconf import DictConfig
 
 from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
 from xray_cls.errors import UserInputError
-from xray_cls.files import atomic_write, write_csv
+from xray_cls.files import atomic_write, path_text, write_csv
 
 log = logging.getLogger(__name__)
 
 # gradcam: the overlay's path relative to the CSV's folder, so that the folder can be moved whole.
 CSV_COLUMNS = ["path", "probability_pneumonia", "predicted_label", "threshold", "gradcam"]
 OVERLAY_SIDE = (224, 512)  # overlays are drawn with the longer side in this range
+PREDICT_BATCH_BYTES = 2**28
 
 
 @dataclass
@@ -132,9 +134,11 @@ def predict(cfg: DictConfig) -> Path:
     found = find_inputs(input_path)
     root = input_path if input_path.is_dir() else input_path.parent
 
+    # At most about PREDICT_BATCH_BYTES of float pixels at a time, whatever the image size.
+    batch_size = min(cfg.batch_size, max(1, PREDICT_BATCH_BYTES // (4 * prep["in_channels"] * prep["image_size"] ** 2)))
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(found.images), cfg.batch_size):
-        paths, images = read_chunk(found.images[start : start + cfg.batch_size], prep["image_size"], geometry, found)
+    for start in range(0, len(found.images), batch_size):
+        paths, images = read_chunk(found.images[start : start + batch_size], prep["image_size"], geometry, found)
         if not paths:
             continue
         x = normalize(images, prep["mean"], prep["std"])
@@ -147,11 +151,11 @@ def predict(cfg: DictConfig) -> Path:
                 save_overlay(path, cams[i], geometry, overlay_path)
             rows.append(
                 {
-                    "path": str(path),
+                    "path": path_text(path),
                     "probability_pneumonia": f"{prob:.6f}",
                     "predicted_label": CLASS_NAMES[int(prob > threshold)],
                     "threshold": f"{threshold:.6f}",
-                    "gradcam": str(overlay_path.relative_to(out_dir)) if overlay_path else "",  # beside the CSV
+                    "gradcam": path_text(overlay_path.relative_to(out_dir)) if overlay_path else "",  # beside the CSV
                 }
             )
     for path, reason in found.unreadable:
@@ -168,6 +172,11 @@ def predict(cfg: DictConfig) -> Path:
         + (f"; Grad-CAM overlays in {out_dir / 'gradcam'}" if cfg.gradcam else ""),
         flush=True,
     )
+    if found.unreadable:  # the results it could compute are written; the command still fails
+        raise UserInputError(
+            f"input={input_path}: {len(found.unreadable)} of {len(found.images)} image file(s) could not be read "
+            f"(each named above); the predictions of the other {len(rows)} are in {csv_path}"
+        )
     return csv_path
 
 

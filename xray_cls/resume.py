@@ -188,9 +188,10 @@ def resume_folder(ckpt_path: Path) -> Path:
 
 def check_same_network(ckpt_path: Path, net_cfg: dict[str, Any]) -> None:
     """A run resumes only with the network it was trained with: name both when they differ."""
-    from xray_cls.checkpoint import network_name, read_checkpoint
+    from xray_cls.checkpoint import check_state_dict, network_name, read_checkpoint
 
-    trained = read_checkpoint(ckpt_path, "ckpt_path")["hyper_parameters"]["net"]
+    checkpoint = read_checkpoint(ckpt_path, "ckpt_path")
+    trained = checkpoint["hyper_parameters"]["net"]
     if trained != net_cfg:
         differ = sorted(k for k in trained.keys() | net_cfg.keys() if trained.get(k) != net_cfg.get(k))
         raise UserInputError(
@@ -198,6 +199,7 @@ def check_same_network(ckpt_path: Path, net_cfg: dict[str, Any]) -> None:
             f"with {network_name(net_cfg)} (differing: {', '.join(f'{k}={trained.get(k)!r} vs {net_cfg.get(k)!r}' for k in differ)}); "
             "resume with the overrides the run was started with (see its config.yaml)"
         )
+    check_state_dict(trained, checkpoint["state_dict"], f"ckpt_path={ckpt_path}")
 
 
 def config_changes(run_dir: Path, cfg: DictConfig) -> list[str]:

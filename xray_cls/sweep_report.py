@@ -3,6 +3,12 @@
 It reads only what the runs wrote (`.hydra/overrides.yaml`, `metrics.json` or `failed.json`,
 `curves.csv`), whichever logger they used, so a copied sweep folder can be reported again, and writes `report.md`,
 `summary.csv` and `figures/` into the sweep folder. The same runs give the same files.
+
+A sweep folder may come from someone else, so its files are data from a stranger
+(`xray_cls.untrusted`): bounded in size and depth, YAML without tags or aliases, nothing resolved
+or instantiated, each field checked. A run whose files break a rule is a row marked unreadable,
+naming the file and why, and the report goes on. Strings from the runs are escaped in report.md,
+and nothing is written outside the sweep folder.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +26,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from xray_cls.files import write_csv, write_text
+from xray_cls.files import atomic_write, path_text, write_csv, write_text
+from xray_cls.untrusted import UnreadableFile, markdown_code, value_at, markdown_text, one_line, plot_text, read_json, read_string_list
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ METRIC_COLUMNS = [
     ("auroc", "test AUROC"),
 ]
 TEST_SCORES = ["accuracy", "precision", "recall", "specificity", "f1", "auroc"]
+CELLS = ("tn", "fp", "fn", "tp")
+MAX_CLASSES = 2  # the confusion matrix a run's metrics.json may hold: NORMAL, PNEUMONIA
 BAR_METRICS = ["accuracy", "precision", "recall", "specificity"]
 
 
@@ -53,7 +63,7 @@ BAR_METRICS = ["accuracy", "precision", "recall", "specificity"]
 class Run:
     name: str
     overrides: list[str]
-    status: str  # "ok", "failed" or "incomplete" (interrupted, or still running)
+    status: str  # "ok", "failed", "incomplete" (interrupted, or still running) or "unreadable"
     error: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[float]] = field(default_factory=dict)
@@ -77,7 +87,7 @@ class Run:
 
     def val_choice(self) -> tuple[str, str, float] | None:
         """(monitor, mode, best checkpoint's score) of a finished run that has a best checkpoint."""
-        if self.status != "ok" or self.metrics["best_checkpoint"]["score"] is None:
+        if self.status != "ok" or not math.isfinite(self.metrics["best_checkpoint"]["score"] or math.nan):
             return None
         best = self.metrics["best_checkpoint"]
         mode = best.get("mode") or ("min" if "loss" in best["monitor"] else "max")  # metrics.json before `mode`
@@ -115,30 +125,71 @@ def rank_on_val(runs: list[Run]) -> Ranking:
 def find_run_dirs(sweep_dir: Path) -> list[Path]:
     """Hydra's run folders (those with .hydra/overrides.yaml), in job order."""
     dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    return sorted(dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    def job_order(path: Path) -> tuple[bool, int, str]:
+        number = path.name.isascii() and path.name.isdigit()
+        return not number, int(path.name) if number else 0, path.name
+
+    return sorted(dirs, key=job_order)
 
 
 def read_curves(run_dir: Path, tags: tuple[str, ...] = ("acc/val", "loss/val")) -> dict[str, list[float]]:
     """Per-epoch values of `tags` from the run's curves.csv, written whichever logger ran."""
     from xray_cls.loggers import CURVES_FILE, read_epoch_curves
 
-    if not (run_dir / CURVES_FILE).is_file():
+    if not (run_dir / CURVES_FILE).exists():
         return {}
     rows = [row for _, row in sorted(read_epoch_curves(run_dir / CURVES_FILE).items())]
     return {tag: [row[tag] for row in rows if tag in row] for tag in tags if any(tag in row for row in rows)}
 
 
 def read_run(run_dir: Path) -> Run:
-    overrides = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
-    run = Run(name=run_dir.name, overrides=overrides, status="incomplete")
-    if (run_dir / "metrics.json").is_file():
-        run.status, run.metrics = "ok", json.loads((run_dir / "metrics.json").read_text())
-    elif (run_dir / "failed.json").is_file():
-        run.status, run.error = "failed", json.loads((run_dir / "failed.json").read_text())["error"]
-    else:
-        run.error = "no metrics.json: the run was interrupted or is still running"
-    run.curves = read_curves(run_dir)
+    """A run folder's record; a file that is not what a run writes makes it `unreadable`."""
+    run = Run(name=path_text(run_dir.name), overrides=[], status="incomplete")
+    try:
+        if run_dir.is_symlink() or (run_dir / ".hydra").is_symlink():
+            raise UnreadableFile(run_dir, "is a symbolic link; only the sweep folder's own run folders are read")
+        run.overrides = read_string_list(run_dir / ".hydra" / "overrides.yaml")
+        if (run_dir / "metrics.json").exists():
+            run.status, run.metrics = "ok", checked_metrics(read_json(run_dir / "metrics.json"), run_dir / "metrics.json")
+        elif (run_dir / "failed.json").exists():
+            run.status = "failed"
+            run.error = one_line(value_at(read_json(run_dir / "failed.json"), run_dir / "failed.json", "error", kind=str))
+        else:
+            run.error = "no metrics.json: the run was interrupted or is still running"
+        run.curves = read_curves(run_dir)
+    except UnreadableFile as err:
+        log.warning("sweep report: run %s is unreadable: %s", run.name, err)
+        return Run(name=run.name, overrides=run.overrides, status="unreadable", error=one_line(str(err)))
     return run
+
+
+def checked_metrics(data: Any, path: Path) -> dict[str, Any]:
+    """The parts of a run's metrics.json that the report uses, each checked to be what a run writes."""
+    class_names = value_at(data, path, "class_names", kind=list)
+    matrix = value_at(data, path, "confusion_matrix", "matrix", kind=list)
+    if not 0 < len(class_names) <= MAX_CLASSES or not all(isinstance(n, str) for n in class_names):
+        raise UnreadableFile(path, f"class_names is not a list of 1 to {MAX_CLASSES} names")
+    square = all(isinstance(row, list) and len(row) == len(class_names) for row in matrix) and len(matrix) == len(class_names)
+    if not square or not all(type(n) is int and n >= 0 for row in matrix for n in row):
+        raise UnreadableFile(path, f"confusion_matrix.matrix is not a {len(class_names)}x{len(class_names)} matrix of counts")
+    last_epoch = value_at(data, path, "last_epoch", kind=dict)
+    mode = value_at(data, path, "best_checkpoint", "mode", kind=str, optional=True)
+    if mode not in (None, "min", "max"):
+        raise UnreadableFile(path, "best_checkpoint.mode is neither min nor max")
+    return {
+        "class_names": [one_line(n, 60) for n in class_names],
+        "confusion_matrix": {"matrix": matrix, **{k: value_at(data, path, "confusion_matrix", k, kind=int) for k in CELLS}},
+        "last_epoch": {k: value_at(last_epoch, path, k) for k in ("loss/train", "acc/train", "loss/val", "acc/val") if k in last_epoch},
+        "best_checkpoint": {
+            "score": value_at(data, path, "best_checkpoint", "score", optional=True),
+            "monitor": one_line(value_at(data, path, "best_checkpoint", "monitor", kind=str), 60),
+            "mode": mode,
+        },
+        "params": {"total": value_at(data, path, "params", "total", kind=int)},
+        "threshold": value_at(data, path, "threshold"),
+        "threshold_rule": {"rule": one_line(value_at(data, path, "threshold_rule", "rule", kind=str), 60)},
+        "test": {k: value_at(data, path, "test", k) for k in TEST_SCORES},
+    }
 
 
 def varying_overrides(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -177,12 +228,13 @@ def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], ranking: Rankin
     else:
         how = f"No run is ranked: {ranking.why_unranked}."
     lines = [
-        f"# Sweep report: {sweep_dir.name}",
+        f"# Sweep report: {markdown_text(path_text(sweep_dir.name))}",
         "",
         f"{len(runs)} runs: {n_ok} finished, {sum(r.status == 'failed' for r in runs)} failed, "
-        f"{sum(r.status == 'incomplete' for r in runs)} incomplete. {how}",
+        f"{sum(r.status == 'incomplete' for r in runs)} incomplete, {sum(r.status == 'unreadable' for r in runs)} unreadable. "
+        f"{markdown_text(how)}",
         "",
-        f"Overrides common to all runs: `{' '.join(common)}`" if common else "No overrides common to all runs.",
+        f"Overrides common to all runs: {markdown_code(' '.join(common))}" if common else "No overrides common to all runs.",
         "",
         *chosen_on_val(ranking, own),
         "| val rank | run | overrides | status | " + " | ".join(h for _, h in METRIC_COLUMNS) + " |",
@@ -191,11 +243,12 @@ def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], ranking: Rankin
     for run in order:
         row, rank = run.row(), ranking.rank(run)
         cells = [_cell(row[k], k == "best_val" and rank == 1) for k, _ in METRIC_COLUMNS]
-        lines.append(f"| {rank or ''} | {run.name} | `{' '.join(own[run.name])}` | {run.status} | " + " | ".join(cells) + " |")
+        overrides = markdown_code(" ".join(own[run.name])) if own[run.name] else ""
+        lines.append(f"| {rank or ''} | {markdown_text(run.name)} | {overrides} | {run.status} | " + " | ".join(cells) + " |")
     problems = [r for r in runs if r.status != "ok"]
     if problems:
         lines += ["", "## Runs without results", ""]
-        lines += [f"- run {r.name} ({r.status}): {r.error}" for r in problems]
+        lines += [f"- run {markdown_text(r.name)} ({r.status}): {markdown_text(r.error)}" for r in problems]
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{name.removesuffix('.png').replace('_', ' ')}](figures/{name})" for name in figures]
@@ -213,10 +266,11 @@ def chosen_on_val(ranking: Ranking, own: dict[str, list[str]]) -> list[str]:
     return [
         "## Chosen on val",
         "",
-        f"Run {run.name} (`{' '.join(own[run.name]) or 'no own overrides'}`): {ranking.monitor} "
+        f"Run {markdown_text(run.name)} ({markdown_code(' '.join(own[run.name])) if own[run.name] else 'no own overrides'}): "
+        f"{markdown_text(ranking.monitor)} "
         f"{m['best_checkpoint']['score']:.4f} at its best checkpoint, the {'lowest' if ranking.mode == 'min' else 'highest'} "
         f"of {len(ranking.ranked)} finished run(s).",
-        f"Its test figures, at threshold {m['threshold']:.4f} ({rule}): {scores}.",
+        f"Its test figures, at threshold {m['threshold']:.4f} ({markdown_text(rule)}): {scores}.",
         "",
     ]
 
@@ -233,7 +287,7 @@ def curves_figure(runs: list[Run], tag: str, ylabel: str) -> Any:
         values = run.curves.get(tag)
         if values:
             x = range(1, len(values) + 1)
-            ax.plot(x, values, marker="o", markersize=3, color=colors(i % colors.N), label=f"run {run.name}")
+            ax.plot(x, values, marker="o", markersize=3, color=colors(i % colors.N), label=f"run {plot_text(run.name)}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -251,8 +305,9 @@ def confusion_grid_figure(runs: list[Run]) -> Any:
     fig = Figure(figsize=(3 * ncols, 2.8 * nrows), layout="constrained")
     for i, run in enumerate(runs):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        draw_confusion_matrix(ax, run.metrics["confusion_matrix"]["matrix"], run.metrics["class_names"], "small")
-        ax.set_title(f"run {run.name}", fontsize="small")
+        names = [plot_text(n) for n in run.metrics["class_names"]]
+        draw_confusion_matrix(ax, run.metrics["confusion_matrix"]["matrix"], names, "small")
+        ax.set_title(f"run {plot_text(run.name)}", fontsize="small")
     fig.supxlabel("predicted")
     fig.supylabel("true")
     return fig
@@ -268,7 +323,7 @@ def scores_bar_figure(runs: list[Run]) -> Any:
     width = 0.8 / len(BAR_METRICS)
     for i, metric in enumerate(BAR_METRICS):
         ax.bar(x + (i - (len(BAR_METRICS) - 1) / 2) * width, [r.metrics["test"][metric] for r in runs], width, label=metric)
-    ax.set_xticks(x, [f"run {r.name}" for r in runs], fontsize="small")
+    ax.set_xticks(x, [f"run {plot_text(r.name)}" for r in runs], fontsize="small")
     ax.set_ylim(0, 1.2)  # headroom for the legend
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("test")
@@ -289,8 +344,29 @@ def write_figures(folder: Path, runs: list[Run]) -> list[str]:
         "test_metrics.png": scores_bar_figure(finished),
     }
     for name, fig in figures.items():
-        fig.savefig(folder / name, dpi=100, metadata={"Software": None})
+        with atomic_write(folder / name) as tmp:  # replaces a link of that name instead of writing through it
+            fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     return list(figures)
+
+
+REPORT_OUTPUTS = ("report.md", "summary.csv", "figures")
+
+
+def refuse_outside_writes(sweep_dir: Path) -> None:
+    """The report writes only inside the sweep folder: an output that is a link to a folder (a
+    `figures/` pointing elsewhere) or a non-file is refused before anything is written. A link named
+    report.md or summary.csv is replaced, never written through."""
+    from xray_cls.errors import UserInputError
+
+    for name in REPORT_OUTPUTS:
+        path = sweep_dir / name
+        if name == "figures" and path.is_symlink():
+            raise UserInputError(
+                f"{path} is a symbolic link (to {one_line(os.readlink(path), 200)}); the sweep report writes only inside "
+                f"the sweep folder: remove the link and run it again"
+            )
+        if path.exists() and not path.is_symlink() and (path.is_dir() != (name == "figures")):
+            raise UserInputError(f"{path} is a {'folder' if path.is_dir() else 'file'}, not the report's {name}; move it away")
 
 
 def write_report(sweep_dir: Path) -> Path:
@@ -302,6 +378,7 @@ def write_report(sweep_dir: Path) -> Path:
     runs = [read_run(d) for d in find_run_dirs(sweep_dir)]
     if not runs:
         raise UserInputError(f"{sweep_dir} holds no runs; expected Hydra run folders with .hydra/overrides.yaml inside")
+    refuse_outside_writes(sweep_dir)
     figures = write_figures(sweep_dir / "figures", runs)
     ranking = rank_on_val(runs)
     write_summary_csv(sweep_dir / "summary.csv", runs, ranking)

@@ -32,17 +32,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     With `ckpt_path` set, an interrupted run continues in its own folder from that checkpoint; so
     does the run of a SLURM job that the scheduler restarted (see resume.requeued_checkpoint).
     """
-    import lightning as L
-    import torch
-    from hydra.utils import instantiate
     from lightning.pytorch.utilities import rank_zero_only
 
-    from xray_cls import run_report
-    from xray_cls.checkpoint import record_val_choices
-    from xray_cls.classifier import XrayClassifier
-    from xray_cls.loggers import log_params
-    from xray_cls.resume import ResumableTraining, check_same_network, requeued_checkpoint, resume_folder, warn_config_changes
-    from xray_cls.slurm import slurm_job
+    from xray_cls.resume import requeued_checkpoint, resume_folder
+    from xray_cls.run_folder import held
 
     quiet_libraries()
     calibration_method(cfg)  # a typo is refused before training, not after it
@@ -52,7 +45,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         out_dir = resume_folder(resume_from)
         cfg.paths.output_dir = str(out_dir)
     else:
-        out_dir = new_run_folder(cfg)
+        out_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank != 0:  # DDP's other processes write into the folder the first one holds
+        return run_in_folder(cfg, out_dir, resume_from, asked_to_resume)
+    with held(out_dir):  # two runs, or two resumes of one run, cannot both go on in one folder
+        return run_in_folder(cfg, out_dir, resume_from, asked_to_resume)
+
+
+def run_in_folder(cfg: DictConfig, out_dir: Path, resume_from: Path | None, asked_to_resume: bool) -> dict[str, Any]:
+    """The run in its folder, which this process holds: new, or resumed from `resume_from`."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from xray_cls import run_report
+    from xray_cls.checkpoint import record_val_choices
+    from xray_cls.classifier import XrayClassifier
+    from xray_cls.loggers import log_params
+    from xray_cls.resume import ResumableTraining, check_same_network, warn_config_changes
+    from xray_cls.slurm import slurm_job
+
+    if resume_from is None:
+        new_run_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, seed=cfg.seed)
@@ -132,16 +147,12 @@ def new_run_folder(cfg: DictConfig) -> Path:
     explicit hydra.run.dir) is refused: a new run never writes over another."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from xray_cls.run_folder import refuse_results
+
     out_dir = Path(cfg.paths.output_dir)
     if rank_zero_only.rank != 0:  # DDP starts the other processes with the same config
         return out_dir
-    for name in ("metrics.json", "checkpoints"):
-        if (out_dir / name).exists():
-            raise UserInputError(
-                f"the run folder {out_dir} already holds a run ({name}); choose a new hydra.run.dir, "
-                "or resume an interrupted run with ckpt_path=<run>/checkpoints/last.ckpt"
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_results(out_dir, ["metrics.json", "checkpoints"], "a run", "run")
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     return out_dir
 
@@ -230,6 +241,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    from xray_cls.checkpoint import DurableCheckpointIO
     from xray_cls.loggers import build_loggers
     from xray_cls.resume import ResumableTraining
     from xray_cls.run_report import CURVES_LAYOUT
@@ -252,7 +264,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
         callbacks.append(progress_bar())
     # In a SLURM job, a restarted job resumes its run from last.ckpt (resume.requeued_checkpoint);
     # Lightning's own SIGUSR1 auto-requeue, with its separate hpc_ckpt files, stays off.
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+    plugins: list[Any] = [DurableCheckpointIO()]  # checkpoints written beside their final name, never via $TMPDIR
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     loggers = build_loggers(cfg.get("logger"), out_dir)
     trainer = instantiate(
         cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=out_dir,

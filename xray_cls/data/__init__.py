@@ -15,6 +15,7 @@ from xray_cls.data.folder import ImageFolderDataModule, patient_id, patient_spli
 from xray_cls.data.images import (
     GEOMETRIES,
     IMAGE_SUFFIXES,
+    MAX_IMAGE_SIZE,
     center_square,
     is_image_file,
     open_gray,
@@ -31,6 +32,7 @@ __all__ = [
     "CLASS_NAMES",
     "GEOMETRIES",
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_SIZE",
     "SPLITS",
     "Augment",
     "BatchAugment",

@@ -44,17 +44,17 @@ def cache_path(
     import PIL
     import pydicom
 
-    folder_id = hashlib.sha256("\n".join(str(d.resolve()) for d in split_dirs).encode()).hexdigest()[:16]
+    folder_id = hashlib.sha256(b"\n".join(os.fsencode(d.resolve()) for d in split_dirs)).hexdigest()[:16]
     content = hashlib.sha256(
         f"{CACHE_FORMAT}\n{size}\n{geometry}\n{BIT_DEPTHS}\nPillow {PIL.__version__}\npydicom {pydicom.__version__}\n".encode()
     )
     for path, label in zip(paths, labels):
         # ctime changes with every write, even one whose mtime was set back; the inode with a replaced
         # file. abspath, not resolve: resolving each file cost ~35k lstat calls at 5,000 images.
+        # The name as the OS's bytes: a file name that is not valid UTF-8 is a key like any other.
         stat = path.stat()
-        content.update(
-            f"{os.path.abspath(path)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\t{stat.st_ino}\n".encode()
-        )
+        content.update(os.fsencode(os.path.abspath(path)))
+        content.update(f"\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\t{stat.st_ino}\n".encode())
     return cache_dir / f"{folder_id}-{size}-{geometry}-{content.hexdigest()[:24]}.npy"
 
 

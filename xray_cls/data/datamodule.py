@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xray_cls.data.augment import BatchAugment, augment_preset, check_mixup, mixup
-from xray_cls.data.images import check_geometry
+from xray_cls.data.images import MAX_IMAGE_SIZE, check_geometry
 from xray_cls.errors import UserInputError, is_number
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,8 @@ class XrayDataModule(L.LightningDataModule):
         geometry: str = "crop",
     ) -> None:
         super().__init__()
-        if image_size is not None and (not is_number(image_size, int) or image_size <= 0):
-            raise UserInputError(f"data.image_size={image_size!r} is not valid; expected a positive integer")
+        if image_size is not None and (not is_number(image_size, int) or not 0 < image_size <= MAX_IMAGE_SIZE):
+            raise UserInputError(f"data.image_size={image_size!r} is not valid; expected a positive integer (at most {MAX_IMAGE_SIZE})")
         if not is_number(batch_size, int) or batch_size <= 0:
             raise UserInputError(f"data.batch_size={batch_size!r} is not valid; expected a positive integer")
         self.geometry = check_geometry(geometry, "data.geometry")

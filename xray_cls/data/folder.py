@@ -14,6 +14,7 @@ from xray_cls.data.cache import cache_path, cached_images
 from xray_cls.data.datamodule import CLASS_NAMES, Split, XrayDataModule
 from xray_cls.data.images import IMAGE_SUFFIXES, decode_images, is_image_file
 from xray_cls.errors import UserInputError, is_number
+from xray_cls.files import path_text
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class ImageFolderDataModule(XrayDataModule):
 
     def source_name(self, split: Split, name: str, index: int) -> str:
         path = split.paths[index]  # type: ignore[index]  # folder splits always carry their paths
-        return path.relative_to(self.root).as_posix()
+        return path_text(path.relative_to(self.root).as_posix())
 
     def patient_name(self, split: Split, index: int) -> str:
         return patient_id(split.paths[index]) or ""  # type: ignore[index]

@@ -3,6 +3,7 @@ DICOM), made square by `geometry` and resized."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xray_cls.data import headers
 from xray_cls.errors import UserInputError
+from xray_cls.files import path_text
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,7 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 
 
 GEOMETRIES = ("crop", "stretch")  # how a non-square image becomes square: see fit_square
+MAX_IMAGE_SIZE = 2048  # the largest side images are resized to (data.image_size, a checkpoint's preprocessing)
 
 
 def is_image_file(path: Path) -> bool:
@@ -32,21 +36,49 @@ def is_image_file(path: Path) -> bool:
 
 
 def open_gray(path: Path, draft_size: int) -> Any:
-    """An image file as an 8-bit grayscale PIL image, at least about draft_size on each side."""
+    """An image file as an 8-bit grayscale PIL image, at least about draft_size on each side.
+
+    The header is checked against the data before anything is decoded (`headers`): a file that
+    declares more than it holds, or too much to decode safely, is refused in one line."""
     from PIL import Image, UnidentifiedImageError
 
     if path.suffix.lower() == ".dcm":
         return Image.fromarray(read_dicom(path))
+    data = read_file(path)
     try:
-        with Image.open(path) as image:
+        if data.startswith(headers.JPEG_SIGNATURE):
+            gray = headers.decode_jpeg_gray(path, data, draft_size)
+            if gray is not None:
+                return Image.fromarray(gray, "L")
+        elif data.startswith(headers.PNG_SIGNATURE):
+            headers.check_png(path, data)
+        with Image.open(io.BytesIO(data)) as image:  # PNGs that passed their check, and other formats
+            bits = 32 if image.mode in ("I", "F") else 16 if image.mode.startswith("I;16") else 8
+            headers.check_size(path, *image.size, len(image.getbands()), bits)
             image.draft("L", (draft_size, draft_size))  # JPEG: let the decoder downscale by up to 8x for free
             image.load()
-            declared = png_significant_bits(path) if image.format == "PNG" and image.mode.startswith("I") else None
+            declared = png_significant_bits(data) if image.format == "PNG" and image.mode.startswith("I") else None
             return to_grayscale(image, declared)
+    except UserInputError:
+        raise
     except Image.DecompressionBombError as err:  # PIL refuses images over ~179 megapixels
-        raise UserInputError(f"{path} is too large to decode safely ({err})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise UserInputError(f"{path} is not a readable image ({err})") from None
+        raise UserInputError(f"{path_text(path)} is too large to decode safely ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserInputError(f"{path_text(path)} is not a readable image ({err})") from None
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of an image file, refused in one line when it cannot be read or is larger than
+    anything this project decodes."""
+    try:
+        with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_size > headers.MAX_DECODED_BYTES:
+                raise UserInputError(
+                    f"{path_text(path)} is too large to decode safely (over {headers.MAX_DECODED_BYTES / 2**20:,.0f} MiB)"
+                )
+            return f.read()
+    except OSError as err:
+        raise UserInputError(f"{path_text(path)} is not a readable image ({err})") from None
 
 
 def fit_square(image: Any, size: int, geometry: str) -> Any:
@@ -87,67 +119,95 @@ def bit_depth(pixels: np.ndarray, declared: int | None = None) -> int:
     return next((bits for bits in BIT_DEPTHS if top < 2**bits), top.bit_length())
 
 
-def png_significant_bits(path: Path) -> int | None:
+def png_significant_bits(data: bytes) -> int | None:
     """The gray (or largest colour) value of a PNG's sBIT chunk, which Pillow does not report."""
-    with path.open("rb") as f:
-        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+    if not data.startswith(headers.PNG_SIGNATURE):
+        return None
+    offset = 8
+    while offset + 8 <= len(data):  # chunks before the image data: length, type, data, CRC
+        length, kind = int.from_bytes(data[offset : offset + 4], "big"), data[offset + 4 : offset + 8]
+        if kind in (b"IDAT", b"IEND"):
             return None
-        while len(header := f.read(8)) == 8:  # chunks before the image data: length, type, data, CRC
-            length, kind = int.from_bytes(header[:4], "big"), header[4:]
-            if kind in (b"IDAT", b"IEND"):
-                return None
-            data = f.read(length)
-            if kind == b"sBIT" and data:
-                return max(data[:3]) if len(data) >= 3 else data[0]  # gray+alpha: gray first
-            f.seek(4, os.SEEK_CUR)
+        chunk = data[offset + 8 : offset + 8 + length]
+        if kind == b"sBIT" and chunk:
+            return max(chunk[:3]) if len(chunk) >= 3 else chunk[0]  # gray+alpha: gray first
+        offset += 12 + length
     return None
+
+
+BAND_PIXELS = 2**20  # 16-bit, float and DICOM images become 8-bit this many pixels (whole rows) at a time
 
 
 def to_grayscale(image: Any, significant_bits: int | None = None) -> Any:
     """8-bit grayscale from any PIL mode; 16- and 32-bit integer images are scaled by their bit
-    depth (`bit_depth`), float ones by their own range."""
+    depth (`bit_depth`), float ones by their own range. Wide images are converted a band of rows
+    at a time into the 8-bit result, so that no float copy of the whole image is ever made."""
     from PIL import Image
 
     if image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.float64).clip(0)
-        top = 2 ** bit_depth(pixels, significant_bits) - 1
-        return Image.fromarray(np.clip(pixels / top * 255, 0, 255).round().astype(np.uint8))
+        top = 2 ** bit_depth(np.array([max(image.getextrema()[1], 0)]), significant_bits) - 1
+
+        def by_depth(band: np.ndarray) -> None:  # clip(band, 0) / top * 255, clipped to 0-255, in place
+            np.maximum(band, 0, out=band)
+            band /= top
+            band *= 255
+            np.clip(band, 0, 255, out=band)
+
+        return Image.fromarray(_by_bands(image, by_depth))
     if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        span = max(pixels.max() - pixels.min(), 1e-12)
-        return Image.fromarray(((pixels - pixels.min()) / span * 255).round().astype(np.uint8))
+        low, high = image.getextrema()
+        span = max(high - low, 1e-12)
+
+        def by_range(band: np.ndarray) -> None:  # (band - low) / span * 255, in place
+            band -= low
+            band /= span
+            band *= 255
+
+        return Image.fromarray(_by_bands(image, by_range))
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
     return image.convert("L")
 
 
+def _by_bands(image: Any, scale: Any) -> np.ndarray:
+    """uint8 (H, W) of `scale` applied in place to float64 bands of the image's rows, rounded."""
+    width, height = image.size
+    gray = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        band = np.asarray(image.crop((0, top, width, min(top + rows, height))), dtype=np.float64)
+        scale(band)
+        gray[top : top + len(band)] = np.round(band, out=band)
+    return gray
+
+
 def read_dicom(path: Path) -> np.ndarray:
     """A DICOM file's image as uint8 (H, W), displayed as its own header says (`dicom_gray`)."""
     import pydicom
-    from PIL import Image
 
     try:
         dataset = pydicom.dcmread(path)
         frames = int(dataset.get("NumberOfFrames") or 1)
         if frames > 1:
-            raise UserInputError(f"{path} holds {frames} frames; expected a DICOM with one image")
-        pixel_count = int(dataset.get("Rows", 0)) * int(dataset.get("Columns", 0))
-        if Image.MAX_IMAGE_PIXELS and pixel_count > 2 * Image.MAX_IMAGE_PIXELS:  # PIL's limit for other images
-            raise UserInputError(f"{path} is too large to decode safely ({pixel_count} pixels)")
+            raise UserInputError(f"{path_text(path)} holds {frames} frames; expected a DICOM with one image")
+        headers.check_size(
+            path, int(dataset.get("Columns", 0)), int(dataset.get("Rows", 0)),
+            int(dataset.get("SamplesPerPixel") or 1), int(dataset.get("BitsAllocated") or 8),
+        )
         return dicom_gray(dataset, dataset.pixel_array)
     except UserInputError:
         raise
     except pydicom.errors.InvalidDicomError:
-        raise UserInputError(f"{path} is not a readable image (no DICOM header: 'DICM' after a 128-byte preamble)") from None
+        raise UserInputError(f"{path_text(path)} is not a readable image (no DICOM header: 'DICM' after a 128-byte preamble)") from None
     except PermissionError as err:
-        raise UserInputError(f"{path} is not a readable image ({err})") from None
+        raise UserInputError(f"{path_text(path)} is not a readable image ({err})") from None
     except Exception as err:  # noqa: BLE001  a hostile file can fail anywhere in pydicom; never a traceback
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         if "missing dependencies" in lines[0]:  # pydicom lists the plugins that would decode it, one a line
             raise UserInputError(
-                f"{path}: {lines[0]} {'; '.join(lines[1:])} (pip install one of them)"
+                f"{path_text(path)}: {lines[0]} {'; '.join(lines[1:])} (pip install one of them)"
             ) from None
-        raise UserInputError(f"{path} is not a readable image ({' '.join(lines)[:300]})") from None
+        raise UserInputError(f"{path_text(path)} is not a readable image ({' '.join(lines)[:300]})") from None
 
 
 def dicom_gray(dataset: Any, pixels: np.ndarray) -> np.ndarray:
@@ -166,19 +226,37 @@ def dicom_gray(dataset: Any, pixels: np.ndarray) -> np.ndarray:
     bits = int(dataset.BitsStored)
     signed = int(dataset.get("PixelRepresentation", 0)) == 1
     ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
-    pixels, ends = apply_modality_lut(pixels, dataset), apply_modality_lut(ends, dataset)
+    ends = apply_modality_lut(ends, dataset)
     voi_lut = dataset.get("VOILUTSequence")
-    if voi_lut and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0]:
-        pixels = apply_voi(pixels.round().astype(np.int64) if pixels.dtype.kind == "f" else pixels, dataset)
+    use_voi_lut = bool(voi_lut and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0])
+    use_window = not use_voi_lut and dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None
+    if use_voi_lut:
         ends = np.array([0, 2 ** int(voi_lut[0].LUTDescriptor[2]) - 1])
-    elif dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None:
-        pixels = apply_windowing(pixels, dataset)
+    elif use_window:
         ends = apply_windowing(np.array([-np.inf, np.inf]), dataset)  # the window's output range
     low, high = float(ends.min()), float(ends.max())
-    gray = np.clip((pixels.astype(np.float64) - low) / max(high - low, 1e-12), 0, 1) * 255
-    if photometric == "MONOCHROME1":  # 0 is white
-        gray = 255 - gray
-    return gray.round().astype(np.uint8)
+
+    def displayed(band: np.ndarray) -> np.ndarray:
+        values = apply_modality_lut(band, dataset)
+        if use_voi_lut:
+            values = apply_voi(values.round().astype(np.int64) if values.dtype.kind == "f" else values, dataset)
+        elif use_window:
+            values = apply_windowing(values, dataset)
+        gray = values.astype(np.float64, copy=values is band)  # pydicom's own result is scaled in place
+        gray -= low
+        gray /= max(high - low, 1e-12)
+        np.clip(gray, 0, 1, out=gray)
+        gray *= 255
+        if photometric == "MONOCHROME1":  # 0 is white
+            np.subtract(255, gray, out=gray)
+        return np.round(gray, out=gray)
+
+    # A band of rows at a time: the float copies of a 6000x6000 image would cost more than 1 GB.
+    gray = np.empty(pixels.shape, dtype=np.uint8)
+    rows = max(1, BAND_PIXELS // max(pixels.shape[1], 1))
+    for top in range(0, pixels.shape[0], rows):
+        gray[top : top + rows] = displayed(pixels[top : top + rows])
+    return gray
 
 
 def decode_pool() -> ThreadPoolExecutor:
