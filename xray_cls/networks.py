@@ -124,6 +124,82 @@ class ResNet(nn.Module):
         return self.head(self.pool(self.features(x))).squeeze(1)
 
 
+HEADS = ("logit", "softmax2")
+
+
+def binary_head(in_features: int, head: str) -> nn.Linear:
+    """The output layer: one logit (`logit`), or the two-way softmax of a Keras model (`softmax2`),
+    whose two outputs the network turns into the same one logit (see `as_logit`)."""
+    if head not in HEADS:
+        raise UserInputError(f"model.head={head!r} is not valid; expected one of {', '.join(HEADS)}")
+    return nn.Linear(in_features, 1 if head == "logit" else 2)
+
+
+def as_logit(outputs: Tensor) -> Tensor:
+    """(N, 1) -> (N,); a softmax pair (N, 2) -> z1 - z0, whose sigmoid is the softmax's probability
+    of class 1 and whose binary cross-entropy is the pair's cross-entropy: the same model."""
+    return outputs[:, 1] - outputs[:, 0] if outputs.shape[1] == 2 else outputs.squeeze(1)
+
+
+class ReportCNN(nn.Module):
+    """The course report's CNN, in Keras' defaults: Conv 3x3 'valid', 32 filters, ReLU; max-pool 2x2;
+    Conv 3x3 'valid', 64 filters, ReLU; max-pool 2x2; flatten; dropout; Dense. At 256x256 gray
+    with head=softmax2: 320 + 18,496 + 492,034 = 510,850 parameters, the report's count."""
+
+    REPORTED = (510_850, 256, "softmax2")  # the report's parameter count, at this image size and head
+
+    def __init__(self, in_channels: int, image_size: int, dropout: float = 0.5, head: str = "logit") -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        size = ((image_size - 2) // 2 - 2) // 2
+        if size < 1:
+            raise UserInputError(f"data.image_size={image_size} is too small for the report's CNN; expected at least 10")
+        dropout = _check_dropout(dropout)
+        self.head = nn.Sequential(nn.Flatten(), *([nn.Dropout(dropout)] if dropout > 0 else []), binary_head(64 * size * size, head))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return as_logit(self.head(self.features(x)))
+
+
+class ReportDense(nn.Module):
+    """The course report's dense network: Keras `Dense` layers of 2, 3 and 4 units on the image
+    tensor, which act on its last axis, pixel by pixel (here as 1x1 convolutions, the same
+    weights); then flatten, dropout and the output layer. At 256x256 gray with head=softmax2:
+    4 + 9 + 16 + 524,290 = 524,319 parameters, the report's count (conf/model/report_dense.yaml
+    says why this layout)."""
+
+    REPORTED = (524_319, 256, "softmax2")  # the report's parameter count, at this image size and head
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        units: Sequence[int] = (2, 3, 4),
+        activation: str = "relu",
+        dropout: float = 0.5,
+        head: str = "logit",
+    ) -> None:
+        super().__init__()
+        activations = {"relu": nn.ReLU, "linear": nn.Identity}
+        if activation not in activations:
+            raise UserInputError(f"model.activation={activation!r} is not valid; expected one of {', '.join(activations)}")
+        layers: list[nn.Module] = []
+        for width in units:
+            layers += [nn.Conv2d(in_channels, width, 1), activations[activation]()]
+            in_channels = width
+        self.pixels = nn.Sequential(*layers)
+        dropout = _check_dropout(dropout)
+        self.head = nn.Sequential(
+            nn.Flatten(), *([nn.Dropout(dropout)] if dropout > 0 else []), binary_head(in_channels * image_size * image_size, head)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return as_logit(self.head(self.pixels(x)))
+
+
 # The networks a config or a checkpoint may name, by exact `_target_`: every nn.Module defined above.
 NETWORKS: dict[str, type[nn.Module]] = {
     f"{__name__}.{obj.__name__}": obj

@@ -62,6 +62,11 @@ def network_summary(net: nn.Module, input_shape: tuple[int, ...]) -> str:
     lines = [f"{type(net).__name__} on input {tuple(input_shape)}", f"  {'layer':<16}{'type':<12}{'output':<16}{'params':>10}"]
     lines += [f"  {name:<16}{kind:<12}{shape:<16}{n:>10,}" for name, kind, shape, n in rows]
     lines.append(f"  total params {counts['total']:,}, trainable {counts['trainable']:,}, non-trainable {counts['non_trainable']:,}")
+    reported = getattr(net, "REPORTED", None)
+    if reported:  # the course report's networks: their count depends on the image size and the head
+        count, size, head = reported
+        lines.append(f"  (the course report's count, {count:,}, is this network's at {size}x{size} px, one channel, head={head}; "
+                     f"the flattened width, and so the count, grows with the image size)")
     return "\n".join(lines)
 
 

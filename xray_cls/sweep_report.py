@@ -26,6 +26,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from xray_cls import course_report
 from xray_cls.files import atomic_write, path_text, write_csv, write_text
 from xray_cls.untrusted import UnreadableFile, markdown_code, value_at, markdown_text, one_line, plot_text, read_json, read_string_list
 
@@ -245,6 +246,9 @@ def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], ranking: Rankin
         cells = [_cell(row[k], k == "best_val" and rank == 1) for k, _ in METRIC_COLUMNS]
         overrides = markdown_code(" ".join(own[run.name])) if own[run.name] else ""
         lines.append(f"| {rank or ''} | {markdown_text(run.name)} | {overrides} | {run.status} | " + " | ".join(cells) + " |")
+    comparison = course_report.comparison_section(order)  # runs of +experiment=report beside the course report's
+    if comparison:
+        lines += ["", *comparison]
     problems = [r for r in runs if r.status != "ok"]
     if problems:
         lines += ["", "## Runs without results", ""]

@@ -39,6 +39,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     quiet_libraries()
     calibration_method(cfg)  # a typo is refused before training, not after it
+    if cfg.checkpoint.get("test", "best") not in ("best", "last"):
+        raise UserInputError(f"checkpoint.test={cfg.checkpoint.test!r} is not valid; expected best or last")
     asked_to_resume = bool(cfg.get("ckpt_path"))
     resume_from = Path(cfg.ckpt_path).expanduser() if asked_to_resume else requeued_checkpoint(cfg)
     if resume_from is not None:  # the run carries on in its own folder: checkpoints, loggers, curves.csv
@@ -105,20 +107,22 @@ def run_in_folder(cfg: DictConfig, out_dir: Path, resume_from: Path | None, aske
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
 
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    last_path = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+    tested = cfg.checkpoint.get("test", "best")
     best = None
-    if best_path is not None:  # loaded once: the threshold rule and the test both use it
+    if tested == "best" and best_path is not None:  # loaded once: the threshold rule and the test both use it
         best = torch.load(best_path, map_location="cpu", weights_only=True)
         module.load_state_dict(best["state_dict"])
-    else:  # e.g. stopped by max_steps before the first validation
+    elif tested == "best":  # e.g. stopped by max_steps before the first validation
         log.warning("no checkpoint has a %s score: testing the weights of the last step", cfg.checkpoint.monitor)
     val = val_predictions(module, datamodule)  # calibration, then the threshold on calibrated val probabilities
     module.set_temperature(fit_calibration(cfg, *val))
     threshold = decide_threshold(cfg, torch.sigmoid(val[0] / module.temperature), val[1])
     module.set_threshold(threshold["threshold"])
-    if trainer.is_global_zero:  # so that predict and evaluate apply the run's choices, with either checkpoint
-        if best_path is not None:
+    if trainer.is_global_zero:  # so that predict and evaluate apply the run's choices
+        if best is not None:
             record_val_choices(best_path, best, threshold, module.temperature)
-        last_path = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+        # last.ckpt too: its weights were tested (checkpoint.test=last), or it continues the tested run
         if last_path is not None and last_path != best_path and last_path.is_file():
             record_val_choices(last_path, torch.load(last_path, map_location="cpu", weights_only=True), threshold, module.temperature)
     best = None  # its optimizer state (twice the weights, for Adam) need not stay through the test
@@ -130,6 +134,7 @@ def run_in_folder(cfg: DictConfig, out_dir: Path, resume_from: Path | None, aske
             "mode": cfg.checkpoint.mode,
             "score": float(checkpoint.best_model_score) if best_path else None,
         },
+        "tested_checkpoint": tested if tested == "last" or best_path is not None else "last",  # whose weights the test saw
         "params": run_report.parameter_counts(module.net),
         "epochs": trainer.current_epoch,
         "train_seconds": round(train_seconds, 2),
