@@ -64,7 +64,8 @@ def measure(root: Path, cache: Path | None, image_size: int, out_dir: Path) -> d
 
     from xray_cls.data import ImageFolderDataModule
     from xray_cls.data.folder import list_images
-    from xray_cls.train import CONFIG_DIR, train
+    from xray_cls.config import CONFIG_DIR
+    from xray_cls.train import train
 
     peak, stop = {"anon_kb": 0}, threading.Event()
     sampler = threading.Thread(target=peak_anon_sampler, args=(peak, stop), daemon=True)

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from xray_cls.data import ImageFolderDataModule, PneumoniaMNISTDataModule
-from xray_cls.train import CONFIG_DIR
+from xray_cls.config import CONFIG_DIR
 
 BENCHMARKS = Path(__file__).parent
 

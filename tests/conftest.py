@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from xray_cls.train import CONFIG_DIR
+from xray_cls.config import CONFIG_DIR
 
 # A run that touches every stage (fit, val, test on the full test split) in a few seconds: the
 # users' debug=fast (3 train and 2 val batches, no bootstrap), with a second epoch so that every
@@ -100,6 +102,15 @@ def make_kermany_folder(root: Path, layout: list[tuple[str, str, int]] = FOLDER_
 
 def image_count(layout: list[tuple[str, str, int]], split: str) -> int:
     return sum(n for s, _, n in layout if s == split)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a process (the CLI, a server) is `slow`: pytest -m "not slow" leaves
+    out those, and the modules that mark themselves slow (services, benchmarks, long runs)."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and re.search(r"\brun_cli\(|\bsubprocess\.", inspect.getsource(function)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

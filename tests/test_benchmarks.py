@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the benchmarks' quick modes
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 SPEED_KEYS = ["cnn_overhead", "mlp_overhead", "aug_cost", "startup", "folder_epoch2", "folder_rerun", "default_rss_mb"]
 SCALE_KEYS = ["anon_growth", "time_growth", "decode_ips"]

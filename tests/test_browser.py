@@ -29,6 +29,8 @@ import pytest
 from conftest import free_port, local_server
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # starts TensorBoard and headless Chromium
+
 CURVE_TAGS = ["loss/train", "loss/val", "acc/train", "acc/val"]
 IMAGE_TAGS = ["test/confusion_matrix"]
 WINDOW = (1400, 900)

@@ -99,7 +99,7 @@ def test_evaluate_and_predict_output_calibrated_probabilities(calibrated_run: Pa
     csv_path = predict(compose_config(tmp_path / "predict", [f"ckpt={ckpt}", f"input={kermany_root / 'test'}"], name="predict"))
     rows = list(csv.DictReader(csv_path.open()))
     module = load_classifier(ckpt)
-    module.set_temperature(1.0)
+    module.temperature = 1.0  # the raw logits, to scale by the run's temperature below
     from xray_cls.predict import find_inputs, read_chunk
 
     found = find_inputs(kermany_root / "test")

@@ -167,10 +167,12 @@ def test_unknown_threshold_rule_lists_the_rules() -> None:
         choose_threshold("best", probs, labels, fixed=0.5, target_sensitivity=0.95)
 
 
-def test_set_threshold_moves_every_thresholded_test_metric() -> None:
+def test_applied_choices_move_every_thresholded_test_metric() -> None:
+    from xray_cls.val_choices import ValChoices
+
     net = {"_target_": "xray_cls.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
     module = XrayClassifier(net=net, optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
-    module.set_threshold(0.8)
+    module.apply_choices(ValChoices(threshold=0.8))
     probs, labels = torch.tensor([0.7, 0.9, 0.2]), torch.tensor([1, 1, 0])
     module.test_confusion.update(probs, labels)
     module.test_scores.update(probs, labels)

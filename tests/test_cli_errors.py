@@ -11,6 +11,8 @@ from conftest import SHORT_RUN, run_cli
 
 from xray_cls.data import BUNDLED_NPZ
 
+pytestmark = pytest.mark.slow  # every test runs the CLI
+
 
 def assert_one_clear_error(args: list[str], cwd: Path, *expected: str) -> str:
     result = run_cli([*SHORT_RUN, f"hydra.run.dir={cwd / 'run'}", *args], cwd=cwd)

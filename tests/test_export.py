@@ -104,7 +104,7 @@ def test_export_errors_name_the_bad_input(cnn_run: Path, tmp_path: Path) -> None
     assert (out / "model.json").read_bytes() == before and not (out / "model.onnx").exists()
 
 
-def test_the_readmes_onnxruntime_example_gives_the_checkpoints_answer(
+def test_the_docs_onnxruntime_example_gives_the_checkpoints_answer(
     cnn_run: Path, tmp_path: Path, test_split, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import re
@@ -115,12 +115,12 @@ def test_the_readmes_onnxruntime_example_gives_the_checkpoints_answer(
     export_in(tmp_path, ckpt)
     images, _ = test_split
     Image.fromarray(images[0, 0]).save(tmp_path / "chest.png")  # lossless, at the model's size
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    page = (Path(__file__).parents[1] / "docs" / "using-a-model.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", page, re.S)
     code = "\n".join(line.removeprefix("  ") for line in example.splitlines()).replace("chest.jpeg", "chest.png")
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()  # only the example's own output below
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/using-a-model.md", "exec"), {})
     label, probability = capsys.readouterr().out.split()
     expected = float(checkpoint_probabilities(ckpt, images[:1])[0])
     assert float(probability) == pytest.approx(expected, abs=1e-4)

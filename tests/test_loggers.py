@@ -21,6 +21,8 @@ from xray_cls import sweep_report
 from xray_cls.loggers import build_loggers, read_epoch_curves
 from xray_cls.train import train
 
+pytestmark = pytest.mark.slow  # starts an MLflow server and runs through the CLI
+
 CURVE_TAGS = ["loss/train", "loss/val", "acc/train", "acc/val"]
 FIGURES = ["confusion_matrix", "roc_curve", "pr_curve", "gradcam"]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -17,11 +17,13 @@ import torch
 from conftest import SHORT_RUN, compose_config, run_cli
 from test_train import load_events
 
-from xray_cls.cli import fresh_dir
+from xray_cls.resolvers import fresh_dir
 from xray_cls.data import BUNDLED_NPZ, read_npz
 from xray_cls.errors import UserInputError
 from xray_cls.loggers import read_epoch_curves
 from xray_cls.train import train
+
+pytestmark = pytest.mark.slow  # interrupts, kills and resumes multi-epoch runs
 
 # Long enough epochs (about 150 steps) that a signal sent after the first one lands mid-epoch;
 # augmentation and dropout make the result depend on the random generators being restored.

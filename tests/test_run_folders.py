@@ -20,6 +20,8 @@ from conftest import SHORT_RUN, run_cli
 
 from xray_cls.checkpoint import read_checkpoint
 
+pytestmark = pytest.mark.slow  # kills runs, fills disks and races commands through the CLI
+
 MLP = ["model=mlp", "gradcam_samples=0", "bootstrap.resamples=10"]
 
 

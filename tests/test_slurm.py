@@ -23,6 +23,8 @@ from test_train import load_events
 
 from xray_cls.data import BUNDLED_NPZ
 
+pytestmark = pytest.mark.slow  # starts a SLURM cluster and runs sweeps on it
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 # Three epochs, long enough (20 steps; 80 per process under DDP, whose steps are quicker here)
@@ -175,8 +177,9 @@ def test_a_requeued_job_continues_its_run_and_ends_as_the_uninterrupted_one(swee
     assert resumed["slurm"]["restarts"] == 1
     assert resumed["resumed_from"] == str(sweep_dir / "1" / "checkpoints" / "last.ckpt")
     assert_same_test_figures(resumed, uninterrupted)
-    # train_seconds counts the two epochs before the requeue too, not only the last one
-    assert resumed["train_seconds"] > 0.55 * uninterrupted["train_seconds"]
+    # train_seconds counts the epochs before the requeue too, as the resumed run's own record says
+    assert resumed["train_seconds"] > resumed["train_seconds_before_resume"] > 0
+    assert uninterrupted["train_seconds_before_resume"] == 0
     # One curve in the run's own TensorBoard folder, one point per epoch, none repeated.
     steps = [event.step for event in load_events(sweep_dir / "1").Scalars("loss/val")]
     assert len(steps) == len(set(steps)) == 3

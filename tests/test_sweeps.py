@@ -18,6 +18,8 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from xray_cls import sweep_report
 
+pytestmark = pytest.mark.slow  # runs multiruns through the CLI (basic, joblib, Optuna)
+
 FIGURES = ["val_accuracy.png", "val_loss.png", "confusion_matrices.png", "test_metrics.png"]
 
 

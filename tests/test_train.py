@@ -227,11 +227,13 @@ def test_progress_bar_draws_by_time_and_always_the_last_batch(
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from xray_cls.cli import progress_bar
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    bar = progress_bar(refresh_seconds)
+    from xray_cls.callbacks import ProgressBar
+
+    bar = ProgressBar(refresh_seconds)
     drawn: list[int] = []
-    lightning_bar = type(bar).__mro__[1]  # Lightning's Rich or tqdm bar, which draws
+    lightning_bar = next(c for c in type(bar).__mro__ if c in (RichProgressBar, TQDMProgressBar))  # Lightning's bar, which draws
     monkeypatch.setattr(lightning_bar, "on_train_batch_end", lambda _bar, _trainer, _module, _out, _batch, i: drawn.append(i))
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=5, limit_val_batches=2, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, callbacks=[bar])
@@ -265,7 +267,7 @@ def test_progress_bar_is_configured_from_conf_and_hidden_on_request(tmp_path: Pa
 TRIM_PROBE = """
 import sys, threading
 from pathlib import Path
-from xray_cls.cli import return_freed_memory
+from xray_cls.memory import return_freed_memory
 def anon_kb():
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
 def fill_and_free():
@@ -302,12 +304,12 @@ def test_freed_memory_is_returned_after_batches_at_most_as_often_as_configured(
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    import xray_cls.cli as cli
+    import xray_cls.callbacks as callbacks
 
     returned: list[int] = []
-    monkeypatch.setattr(cli, "return_freed_memory", lambda: returned.append(1))
+    monkeypatch.setattr(callbacks, "return_freed_memory", lambda: returned.append(1))
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=5, limit_val_batches=2, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                        callbacks=[cli.freed_memory_returner(every_seconds)])
+                        callbacks=[callbacks.ReturnFreedMemory(every_seconds)])
     trainer.fit(BoringModel())
     assert len(returned) == (2 + 2 * (5 + 2) if expect_every_batch else 0)

@@ -103,7 +103,7 @@ MAX_LIST_ARGUMENT = 64  # layers or stages a network argument lists; the study's
 def preprocessing_problem(prep: dict[str, Any]) -> str | None:
     """What in a checkpoint's preprocessing is out of its bounds: these values size every tensor
     that evaluate, predict and export allocate, so they are checked like any option."""
-    from xray_cls.data import GEOMETRIES, MAX_IMAGE_SIZE
+    from xray_cls.config import GEOMETRIES, MAX_IMAGE_SIZE
 
     def number(key: str) -> Any:
         value = prep.get(key)
@@ -182,18 +182,6 @@ def check_state_dict(net_cfg: dict[str, Any], state_dict: Any, source: str) -> N
 def network_name(net_cfg: Any) -> str:
     """CNN for {"_target_": "xray_cls.networks.CNN", ...}, a dict or a DictConfig."""
     return str(net_cfg.get("_target_", "?")).rsplit(".", 1)[-1]
-
-
-def record_val_choices(path: Path, checkpoint: dict[str, Any], threshold: dict[str, Any], temperature: float) -> None:
-    """Store what the run chose on val in its checkpoint (`checkpoint`, as read from `path`): the
-    threshold and the temperature, so that `predict` and `evaluate` use them.
-
-    Written to a temporary name and renamed: the checkpoint is never left half-written.
-    """
-    checkpoint["hyper_parameters"]["threshold"] = threshold["threshold"]
-    checkpoint["hyper_parameters"]["threshold_rule"] = threshold
-    checkpoint["hyper_parameters"]["temperature"] = float(temperature)
-    write_checkpoint(path, checkpoint)
 
 
 class DiskFull(RunError):

@@ -24,6 +24,7 @@ from torchmetrics.classification import (
 
 from xray_cls.errors import TrainingDivergedError
 from xray_cls.networks import build_network
+from xray_cls.val_choices import ValChoices
 
 
 class LossAccuracy(Metric):
@@ -105,17 +106,18 @@ class XrayClassifier(L.LightningModule):
         self.temperature = float(temperature)
         self.label_smoothing = float(label_smoothing)
 
-    def set_threshold(self, threshold: float) -> None:
-        """The threshold the test metrics call PNEUMONIA above (chosen on val after training)."""
-        self.threshold = threshold
+    @property
+    def choices(self) -> ValChoices:
+        """The threshold and temperature this classifier tests and predicts with."""
+        return ValChoices.from_hparams(self.hparams)
+
+    def apply_choices(self, choices: ValChoices) -> None:
+        """Test, predict and export with `choices`: made on val after training, or given by the user."""
+        self.threshold, self.temperature = choices.threshold, float(choices.temperature)
+        self.hparams.update(choices.hparams())
         for metric in (*self.test_scores.values(), self.test_confusion):
             if hasattr(metric, "threshold"):
-                metric.threshold = threshold
-
-    def set_temperature(self, temperature: float) -> None:
-        """The temperature that calibrates the probabilities (fitted on val after training)."""
-        self.temperature = float(temperature)
-        self.hparams.temperature = self.temperature
+                metric.threshold = choices.threshold
 
     @torch.no_grad()
     def predict_logits(self, images: Tensor, batch_size: int = 256) -> Tensor:

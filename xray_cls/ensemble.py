@@ -10,6 +10,7 @@ contrast). The members must prepare images alike: same size, geometry, channels 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,7 @@ def load_averaged(paths: list[str], tta: bool) -> XrayClassifier:
             )
     module = members[0]
     module.net = AveragedProbabilities(members, tta)
-    module.set_temperature(1.0)  # each member's own temperature is applied inside
+    module.apply_choices(replace(module.choices, temperature=1.0))  # each member's own temperature is applied inside
     return module.eval()
 
 

@@ -18,56 +18,47 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
+from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
+from xray_cls.cli import exit_on_user_error, quiet_libraries, require
+from xray_cls.config import CONFIG_DIR, check_options
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    from xray_cls.run_folder import taken
+
+    check_options(cfg, "evaluate")
+    quiet_libraries()
+    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
+    out_dir = Path(cfg.paths.output_dir)
+    with taken(out_dir, ["metrics.json"], "an evaluation"):
+        return evaluate_in(cfg, out_dir)
+
+
+def evaluate_in(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """The evaluation of `cfg.ckpt` (one checkpoint, or their average) on `cfg.split` of `cfg.data`."""
     import lightning as L
-    from hydra.utils import instantiate
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from xray_cls import run_report
     from xray_cls.data import trained_geometry
     from xray_cls.ensemble import TTA_VIEWS, checkpoint_paths, describe, load_averaged
 
-    quiet_libraries()
-    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
-    out_dir = Path(cfg.paths.output_dir)
-    refuse_existing(out_dir / "metrics.json", "an evaluation", "paths.output_dir")
     paths = checkpoint_paths(cfg.ckpt)
-    tta = bool(cfg.get("tta", False))
+    tta = bool(cfg.tta)
     averaged = len(paths) > 1 or tta
     module = load_averaged(paths, tta)
     preprocessing = module.hparams.preprocessing
     geometry = trained_geometry(preprocessing, paths[0])
     # Read once, and only for folders: the only data whose runs draw splits from train.
     recorded = recorded_splits(Path(paths[0])) if cfg.data.get("root") else {}
-    threshold = module.hparams.threshold_rule or {"rule": "fixed", "threshold": module.hparams.threshold}
-    if cfg.threshold is not None:
-        threshold = {"rule": "fixed", "threshold": float(cfg.threshold)}
-    elif averaged:  # the members' thresholds were chosen for them alone
-        threshold = averaged_threshold(cfg, module, recorded, geometry)
-    module.set_threshold(threshold["threshold"])
-
-    datamodule = instantiate(
-        cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], geometry=geometry, aug="none"
-    )
+    module.apply_choices(evaluation_choices(cfg, module, averaged, recorded, geometry))
     if cfg.split == "val" and "val" not in recorded and cfg.data.get("root"):
         log.warning("%s records no val split drawn from train: a val split drawn from data.root is new to it", paths[0])
-    datamodule.evaluate_split(cfg.split, recorded)
-    datamodule.setup("test")
-    datamodule.use_preprocessing(preprocessing)
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        precision=cfg.trainer.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    datamodule = evaluation_data(cfg, preprocessing, geometry, cfg.split, recorded)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     evaluation = {
         "checkpoint": paths[0] if not averaged else None,
         **({"ensemble": {"checkpoints": paths, "tta": tta, "tta_views": TTA_VIEWS if tta else 1}} if averaged else {}),
@@ -77,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     tensorboard = TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")
     metrics = run_report.test_and_report(
-        trainer, module, datamodule, threshold, cfg, out_dir, evaluation, [tensorboard],
+        trainer, module, datamodule, module.choices, cfg, out_dir, evaluation, [tensorboard],
         title=f"{cfg.split.capitalize()} results of {paths[0] if not averaged else describe(paths, tta)}",
         gradcam=cfg.split == "test" and not averaged,  # Grad-CAM explains one network
     )
@@ -85,26 +76,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def averaged_threshold(cfg: DictConfig, module: Any, recorded: dict[str, list[str]], geometry: str) -> dict[str, Any]:
-    """The threshold of averaged probabilities, chosen on the val split (of data.*, or the one the
-    first checkpoint's run drew from train, in `recorded`) by the first checkpoint's threshold rule."""
-    import torch
+def evaluation_data(cfg: DictConfig, preprocessing: dict[str, Any], geometry: str, split: str, recorded: dict[str, list[str]]) -> Any:
+    """`split` of `cfg.data`, read and prepared as the checkpoint's model was trained."""
     from hydra.utils import instantiate
 
-    from xray_cls.metrics import choose_threshold
-    from xray_cls.train import val_predictions
+    from xray_cls.data import Evaluation
 
-    rule = (module.hparams.threshold_rule or {}).get("rule", "fixed")
-    prep = module.hparams.preprocessing
-    val_data = instantiate(cfg.data, seed=cfg.seed, image_size=prep["image_size"], geometry=geometry, aug="none")
-    val_data.evaluate_split("val", recorded)
-    val_data.setup("test")
-    val_data.use_preprocessing(prep)
+    datamodule = instantiate(cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], geometry=geometry, aug="none")
+    datamodule.setup_evaluation(Evaluation(split, preprocessing, recorded))
+    return datamodule
+
+
+def evaluation_choices(cfg: DictConfig, module: Any, averaged: bool, recorded: dict[str, list[str]], geometry: str) -> Any:
+    """The run's own choices (its checkpoint's); `threshold=` given by the user; or, for averaged
+    probabilities, whose members' thresholds were chosen for them alone, a threshold chosen on the
+    val split (of data.*, or the one the first checkpoint's run drew from train) by the first
+    checkpoint's threshold rule."""
+    from xray_cls.val_choices import choose_threshold_on_val, val_predictions
+
+    choices = module.choices
+    if cfg.threshold is not None:
+        return choices.with_threshold(cfg.threshold)
+    if not averaged:
+        return choices
+    val_data = evaluation_data(cfg, module.hparams.preprocessing, geometry, "val", recorded)
     logits, labels = val_predictions(module, val_data)
-    probs = torch.sigmoid(logits / module.temperature)
-    chosen = choose_threshold(rule, probs, labels, module.hparams.threshold, cfg.target_sensitivity)
-    log.info("threshold %.4f of the averaged probabilities (%s rule on %d val images)", chosen["threshold"], rule, len(labels))
-    return chosen
+    log.info("choosing the threshold of the averaged probabilities on %d val images", len(labels))
+    return choose_threshold_on_val(logits.sigmoid(), labels, choices.rule, choices.threshold, cfg.target_sensitivity)
 
 
 def recorded_splits(ckpt: Path) -> dict[str, list[str]]:

@@ -21,11 +21,13 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
+from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
+from xray_cls.cli import exit_on_user_error, quiet_libraries, require
+from xray_cls.config import CONFIG_DIR, EXPORT_FORMATS, check_options
 from xray_cls.errors import UserInputError
 from xray_cls.files import atomic_write, write_json
 
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+MODEL_FILES = dict(zip(EXPORT_FORMATS, ("model.onnx", "model.pt")))
 SIDECAR = "model.json"
 INPUT_NAME, OUTPUT_NAME = "images", "probability"
 
@@ -47,29 +49,42 @@ class ProbabilityModel(nn.Module):
 
 def export(cfg: DictConfig) -> Path:
     """Export `cfg.ckpt` as `cfg.format`; returns the model file's path."""
-    from xray_cls.checkpoint import load_classifier, network_name
-    from xray_cls.data import trained_geometry
+    from xray_cls.checkpoint import load_classifier
+    from xray_cls.run_folder import taken
 
+    check_options(cfg, "export")
     quiet_libraries()
     require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
-    if cfg.format not in MODEL_FILES:
-        raise UserInputError(f"format={cfg.format!r} is not known; expected one of {', '.join(MODEL_FILES)}")
     out_dir = Path(cfg.paths.output_dir)
-    refuse_existing(out_dir / SIDECAR, "an exported model", "paths.output_dir")
-    module = load_classifier(cfg.ckpt)
+    with taken(out_dir, [SIDECAR], "an exported model"):
+        module = load_classifier(cfg.ckpt)
+        model_path = write_model(module, cfg.format, cfg.opset, out_dir / MODEL_FILES[cfg.format])
+        write_json(out_dir / SIDECAR, sidecar(module, model_path, cfg))
+    print(f"exported {cfg.ckpt} as {cfg.format}: {model_path} (with {SIDECAR})", flush=True)
+    return model_path
+
+
+def write_model(module: Any, kind: str, opset: int, model_path: Path) -> Path:
+    """The classifier as a ProbabilityModel, traced into `model_path` (ONNX or TorchScript)."""
     prep = module.hparams.preprocessing
     model = ProbabilityModel(module.net, prep["mean"], prep["std"], module.temperature).eval()
     example = torch.zeros(2, prep["in_channels"], prep["image_size"], prep["image_size"], dtype=torch.uint8)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / MODEL_FILES[cfg.format]
     with atomic_write(model_path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' notes on tracing and their own deprecations
-        if cfg.format == "onnx":
-            write_onnx(model, example, tmp, cfg.opset)
+        if kind == "onnx":
+            write_onnx(model, example, tmp, opset)
         else:
             torch.jit.save(torch.jit.trace(model, example), str(tmp))
-    sidecar = {
+    return model_path
+
+
+def sidecar(module: Any, model_path: Path, cfg: DictConfig) -> dict[str, Any]:
+    """model.json: what a user needs besides the model, from a picture to a decision."""
+    from xray_cls.checkpoint import network_name
+    from xray_cls.data import trained_geometry
+
+    prep, choices = module.hparams.preprocessing, module.choices
+    return {
         "model": model_path.name,
         "format": cfg.format,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "range": [0, 255],
@@ -78,17 +93,14 @@ def export(cfg: DictConfig) -> Path:
         "image_size": prep["image_size"],
         "in_channels": prep["in_channels"],
         "geometry": trained_geometry(prep, cfg.ckpt),
-        "threshold": module.hparams.threshold,
-        "threshold_rule": module.hparams.threshold_rule,
+        "threshold": choices.threshold,
+        "threshold_rule": choices.rule_record(),
         "class_names": list(prep["class_names"]),
         "normalization": {"mean": prep["mean"], "std": prep["std"], "note": "applied inside the model"},
-        "temperature": {"value": module.temperature, "note": "applied inside the model (1: uncalibrated)"},
+        "temperature": {"value": choices.temperature, "note": "applied inside the model (1: uncalibrated)"},
         "network": network_name(module.hparams.net),
         "checkpoint": str(cfg.ckpt),
     }
-    write_json(out_dir / SIDECAR, sidecar)
-    print(f"exported {cfg.ckpt} as {cfg.format}: {model_path} (with {SIDECAR})", flush=True)
-    return model_path
 
 
 def write_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:

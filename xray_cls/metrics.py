@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-THRESHOLD_RULES = ("fixed", "youden", "youden_neutral", "sensitivity")
+from xray_cls.config import THRESHOLD_RULES
+
 NEUTRAL_THRESHOLD = 0.5  # where the (weighted) loss is indifferent between the classes
 
 
@@ -22,12 +23,10 @@ def choose_threshold(
     class's count), the one nearest NEUTRAL_THRESHOLD. sensitivity: the highest one whose
     sensitivity is at least `target_sensitivity` (the best specificity there).
     """
-    from xray_cls.errors import UserInputError
+    from xray_cls.config import check_choice, check_number
 
-    if rule not in THRESHOLD_RULES:
-        raise UserInputError(f"threshold_rule={rule!r} is not known; expected one of {', '.join(THRESHOLD_RULES)}")
-    if not 0 < target_sensitivity <= 1:
-        raise UserInputError(f"target_sensitivity={target_sensitivity!r} is not valid; expected a number in (0, 1]")
+    check_choice("threshold_rule", rule, THRESHOLD_RULES, "known")
+    check_number("target_sensitivity", target_sensitivity, 0, 1, low_open=True)
     if rule == "fixed":
         candidates = torch.tensor([float(fixed)], dtype=torch.float64)
     else:

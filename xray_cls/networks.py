@@ -10,13 +10,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from xray_cls.config import check_choice, check_number
 from xray_cls.errors import UserInputError
 
 
 def _check_dropout(dropout: float) -> float:
-    if not 0 <= dropout < 1:
-        raise UserInputError(f"model.dropout={dropout!r} is not valid; expected a number in [0, 1)")
-    return float(dropout)
+    return float(check_number("model.dropout", dropout, 0, 1, high_open=True))
 
 
 def dense_head(in_features: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
@@ -130,8 +129,7 @@ HEADS = ("logit", "softmax2")
 def binary_head(in_features: int, head: str) -> nn.Linear:
     """The output layer: one logit (`logit`), or the two-way softmax of a Keras model (`softmax2`),
     whose two outputs the network turns into the same one logit (see `as_logit`)."""
-    if head not in HEADS:
-        raise UserInputError(f"model.head={head!r} is not valid; expected one of {', '.join(HEADS)}")
+    check_choice("model.head", head, HEADS)
     return nn.Linear(in_features, 1 if head == "logit" else 2)
 
 
@@ -184,8 +182,7 @@ class ReportDense(nn.Module):
     ) -> None:
         super().__init__()
         activations = {"relu": nn.ReLU, "linear": nn.Identity}
-        if activation not in activations:
-            raise UserInputError(f"model.activation={activation!r} is not valid; expected one of {', '.join(activations)}")
+        check_choice("model.activation", activation, activations)
         layers: list[nn.Module] = []
         for width in units:
             layers += [nn.Conv2d(in_channels, width, 1), activations[activation]()]

@@ -21,7 +21,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from xray_cls.cli import CONFIG_DIR, exit_on_user_error, quiet_libraries, refuse_existing, require
+from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
+from xray_cls.cli import exit_on_user_error, quiet_libraries, require
+from xray_cls.config import CONFIG_DIR, check_options
 from xray_cls.errors import UserInputError
 from xray_cls.files import atomic_write, path_text, write_csv
 
@@ -99,41 +101,53 @@ def save_overlay(path: Path, cam: Any, geometry: str, target: Path) -> None:
 
 def predict(cfg: DictConfig) -> Path:
     """Predict every image of `cfg.input`; returns the path of predictions.csv."""
-    from xray_cls.data import CLASS_NAMES, normalize, trained_geometry
-    from xray_cls.ensemble import checkpoint_paths, load_averaged
-    from xray_cls.gradcam import grad_cam, last_conv_layer
+    from xray_cls.run_folder import taken
 
+    check_options(cfg, "predict")
     quiet_libraries()
     require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
     require(cfg, "input", "/path/to/image_or_folder")
     out_dir = Path(cfg.paths.output_dir)
-    csv_path = out_dir / "predictions.csv"
-    refuse_existing(csv_path, "predictions", "paths.output_dir")
+    with taken(out_dir, ["predictions.csv"], "predictions"):
+        module, threshold = predicting_model(cfg)
+        input_path = Path(cfg.input).expanduser()
+        found = find_inputs(input_path)
+        rows = predicted_rows(cfg, module, threshold, found, input_path, out_dir)
+        return write_predictions(cfg, rows, found, input_path, out_dir, threshold)
+
+
+def predicting_model(cfg: DictConfig) -> tuple[Any, float]:
+    """The checkpoint's classifier (or the average of several, or over TTA views) and its threshold."""
+    from xray_cls.ensemble import checkpoint_paths, load_averaged
+    from xray_cls.gradcam import last_conv_layer
+
     ckpts = checkpoint_paths(cfg.ckpt)
-    tta = bool(cfg.get("tta", False))
-    averaged = len(ckpts) > 1 or tta
+    averaged = len(ckpts) > 1 or bool(cfg.tta)
     if cfg.gradcam and averaged:
         raise UserInputError("gradcam=true explains one network; it cannot be combined with a list of checkpoints or tta=true")
-    module = load_averaged(ckpts, tta)
+    module = load_averaged(ckpts, bool(cfg.tta))
     if cfg.gradcam and last_conv_layer(module.net) is None:
         raise UserInputError(
             f"gradcam=true needs a network with convolution layers; the {type(module.net).__name__} of "
             f"ckpt={cfg.ckpt} has none (train model=cnn or model=resnet, or leave gradcam=false)"
         )
-    prep = module.hparams.preprocessing
-    geometry = trained_geometry(prep, ckpts[0])
-    threshold = float(cfg.threshold) if cfg.threshold is not None else module.hparams.threshold
+    threshold = float(cfg.threshold) if cfg.threshold is not None else module.choices.threshold
     if averaged and cfg.threshold is None:
         log.warning(
             "threshold %.4f is the one ckpt=%s chose for itself; for the averaged probabilities pass the threshold "
             "that `python -m xray_cls.evaluate` chooses on val for the same ckpt and tta (threshold=...)", threshold, ckpts[0],
         )
-    if cfg.batch_size < 1:
-        raise UserInputError(f"batch_size={cfg.batch_size!r} is not valid; expected a positive integer")
-    input_path = Path(cfg.input).expanduser()
-    found = find_inputs(input_path)
-    root = input_path if input_path.is_dir() else input_path.parent
+    return module, threshold
 
+
+def predicted_rows(cfg: DictConfig, module: Any, threshold: float, found: InputFiles, input_path: Path, out_dir: Path) -> list[dict[str, Any]]:
+    """One CSV row per readable image, read and predicted a batch at a time (with its overlay for gradcam=true)."""
+    from xray_cls.data import CLASS_NAMES, normalize, trained_geometry
+    from xray_cls.gradcam import grad_cam
+
+    prep = module.hparams.preprocessing
+    geometry = trained_geometry(prep, cfg.ckpt)
+    root = input_path if input_path.is_dir() else input_path.parent
     # At most about PREDICT_BATCH_BYTES of float pixels at a time, whatever the image size.
     batch_size = min(cfg.batch_size, max(1, PREDICT_BATCH_BYTES // (4 * prep["in_channels"] * prep["image_size"] ** 2)))
     rows: list[dict[str, Any]] = []
@@ -149,21 +163,29 @@ def predict(cfg: DictConfig) -> Path:
             if cams is not None:
                 overlay_path = out_dir / "gradcam" / path.relative_to(root).with_name(path.name + ".png")  # a.jpeg and a.png both kept
                 save_overlay(path, cams[i], geometry, overlay_path)
-            rows.append(
-                {
-                    "path": path_text(path),
-                    "probability_pneumonia": f"{prob:.6f}",
-                    "predicted_label": CLASS_NAMES[int(prob > threshold)],
-                    "threshold": f"{threshold:.6f}",
-                    "gradcam": path_text(overlay_path.relative_to(out_dir)) if overlay_path else "",  # beside the CSV
-                }
-            )
-    for path, reason in found.unreadable:
+            rows.append({
+                "path": path_text(path),
+                "probability_pneumonia": f"{prob:.6f}",
+                "predicted_label": CLASS_NAMES[int(prob > threshold)],
+                "threshold": f"{threshold:.6f}",
+                "gradcam": path_text(overlay_path.relative_to(out_dir)) if overlay_path else "",  # beside the CSV
+            })
+    return rows
+
+
+def write_predictions(cfg: DictConfig, rows: list[dict[str, Any]], found: InputFiles, input_path: Path, out_dir: Path,
+                      threshold: float) -> Path:
+    """predictions.csv and the summary; then the command fails when some images could not be read
+    (their results are written first)."""
+    from xray_cls.data import CLASS_NAMES
+
+    for _, reason in found.unreadable:
         log.warning("skipped: %s", reason)
     if not rows:
         if input_path.is_file():
             raise UserInputError(f"input={found.unreadable[0][1]}")
         raise UserInputError(f"input={input_path}: none of its {len(found.images)} image file(s) could be read")
+    csv_path = out_dir / "predictions.csv"
     write_csv(csv_path, rows, CSV_COLUMNS)
     called = sum(r["predicted_label"] == CLASS_NAMES[1] for r in rows)
     print(
@@ -172,7 +194,7 @@ def predict(cfg: DictConfig) -> Path:
         + (f"; Grad-CAM overlays in {out_dir / 'gradcam'}" if cfg.gradcam else ""),
         flush=True,
     )
-    if found.unreadable:  # the results it could compute are written; the command still fails
+    if found.unreadable:
         raise UserInputError(
             f"input={input_path}: {len(found.unreadable)} of {len(found.images)} image file(s) could not be read "
             f"(each named above); the predictions of the other {len(rows)} are in {csv_path}"

@@ -64,6 +64,18 @@ def held(folder: Path) -> Iterator[None]:
             release(folder)
 
 
+@contextmanager
+def taken(folder: Path, results: list[str], what: str) -> Iterator[None]:
+    """`folder` held for the block, refused first when it holds any of `results`: how evaluate,
+    predict and export take their output folder (the Hydra callback has done it for the CLI)."""
+    if not folder.exists():  # nothing to refuse or lock yet; a command that fails early leaves no folder
+        yield
+        return
+    with held(folder):
+        refuse_results(folder, results, what)
+        yield
+
+
 def is_first_process() -> bool:
     """False in the other processes of a multi-process run (DDP's children, SLURM's other tasks),
     which write into the folder the first one claimed."""

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from xray_cls.val_choices import ValChoices
 
 # TensorBoard "Custom Scalars" tab: train and val of one metric on one chart, like the study's curves.
 CURVES_LAYOUT = {
@@ -38,29 +41,18 @@ def parameter_counts(net: nn.Module) -> dict[str, int]:
 
 
 def network_summary(net: nn.Module, input_shape: tuple[int, ...]) -> str:
-    """A Keras-style table: each layer's output shape and parameter count, then the totals."""
-    rows: list[tuple[str, str, str, int]] = []
+    """A Keras-style table: each layer's output shape and parameter count, then the totals, from
+    Lightning's ModelSummary (its forward hooks on every layer), one line per leaf layer."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
 
-    def record(name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            shape = str(tuple(output.shape[1:]))
-            rows.append((name, type(module).__name__, shape, sum(p.numel() for p in module.parameters())))
-
-        return hook
-
-    leaves = [(name, m) for name, m in net.named_modules() if name and not list(m.children())]
-    handles = [m.register_forward_hook(record(name)) for name, m in leaves]
-    was_training = net.training
-    try:
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, *input_shape))
-    finally:
-        net.train(was_training)
-        for handle in handles:
-            handle.remove()
+    summary = ModelSummary(_Summarized(net, input_shape), max_depth=-1)
+    names = summary.layer_names  # "net", "net.features", "net.features.0", ...
+    leaves = [i for i, name in enumerate(names) if not any(other.startswith(name + ".") for other in names)]
     counts = parameter_counts(net)
     lines = [f"{type(net).__name__} on input {tuple(input_shape)}", f"  {'layer':<16}{'type':<12}{'output':<16}{'params':>10}"]
-    lines += [f"  {name:<16}{kind:<12}{shape:<16}{n:>10,}" for name, kind, shape, n in rows]
+    for i in leaves:
+        shape = str(tuple(summary.out_sizes[i][1:])) if isinstance(summary.out_sizes[i], list) else "?"
+        lines.append(f"  {names[i].removeprefix('net.'):<16}{summary.layer_types[i]:<12}{shape:<16}{summary.param_nums[i]:>10,}")
     lines.append(f"  total params {counts['total']:,}, trainable {counts['trainable']:,}, non-trainable {counts['non_trainable']:,}")
     reported = getattr(net, "REPORTED", None)
     if reported:  # the course report's networks: their count depends on the image size and the head
@@ -70,29 +62,38 @@ def network_summary(net: nn.Module, input_shape: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
-def evaluation_metrics(
-    results: dict[str, Any], threshold: dict[str, Any], resamples: int, confidence: float, seed: int
-) -> dict[str, Any]:
+class _Summarized(L.LightningModule):
+    """A network as ModelSummary takes one: a LightningModule with an example input."""
+
+    def __init__(self, net: nn.Module, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.example_input_array = torch.zeros(1, *input_shape)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def evaluation_metrics(results: dict[str, Any], choices: ValChoices, resamples: int, confidence: float, seed: int) -> dict[str, Any]:
     """The test part of metrics.json (a run's and `evaluate`'s): matrix, scores and their intervals
     (none with resamples=0, as debug=fast sets)."""
+    from xray_cls.config import check_number
     from xray_cls.data import CLASS_NAMES
-    from xray_cls.errors import UserInputError
     from xray_cls.metrics import bootstrap_intervals
 
-    if not isinstance(resamples, int) or resamples < 0:
-        raise UserInputError(f"bootstrap.resamples={resamples!r} is not valid; expected 0 (no intervals) or a positive integer")
+    check_number("bootstrap.resamples", resamples, 0, integer=True, expected="0 (no intervals) or a positive integer")
     matrix = results["confusion_matrix"]
     metrics = {
         "class_names": list(CLASS_NAMES),
         "positive_class": CLASS_NAMES[1],
-        "threshold": threshold["threshold"],
-        "threshold_rule": threshold,
+        "threshold": choices.threshold,
+        "threshold_rule": choices.rule_record(),
         "n_test": sum(map(sum, matrix)),
         "confusion_matrix": {"rows": "true class", "columns": "predicted class", "matrix": matrix, **confusion_cells(matrix)},
         "test": results["scores"],
     }
     if resamples:
-        intervals = bootstrap_intervals(results["probs"], results["labels"], threshold["threshold"], resamples, confidence, seed)
+        intervals = bootstrap_intervals(results["probs"], results["labels"], choices.threshold, resamples, confidence, seed)
         metrics["test_ci"] = {"confidence": confidence, "resamples": resamples, **intervals}
     return metrics
 
@@ -251,7 +252,7 @@ def test_and_report(
     trainer: Any,
     module: Any,
     datamodule: Any,
-    threshold: dict[str, Any],
+    choices: ValChoices,
     cfg: Any,
     out_dir: Path,
     extra: dict[str, Any],
@@ -264,22 +265,35 @@ def test_and_report(
     figures (PNG and every logger), metrics.json (the test part, calibration, then `extra`) and the
     console table. `val`: a run's val logits and labels, for their ECE and reliability diagram.
     Every process tests (the metrics are reduced across them); the first one writes."""
+    results, metrics = tested(trainer, module, datamodule, choices, cfg, val)
+    metrics = {**metrics, **extra}
+    if trainer.is_global_zero:
+        write_report(trainer, module, datamodule, results, metrics, cfg, out_dir, loggers, title, gradcam)
+    return metrics
+
+
+def tested(trainer: Any, module: Any, datamodule: Any, choices: ValChoices, cfg: Any,
+           val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the test results, metrics.json's test part and calibration) of `module` on the datamodule's test split."""
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results = module.test_results
+    metrics = evaluation_metrics(results, choices, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed)
+    return results, {**metrics, "calibration": calibration_metrics(results, module.temperature, val)}
+
+
+def write_report(trainer: Any, module: Any, datamodule: Any, results: dict[str, Any], metrics: dict[str, Any], cfg: Any,
+                 out_dir: Path, loggers: list[Any], title: str, gradcam: bool, extra_lines: str = "") -> None:
+    """The figures (PNG and every logger), metrics.json and the console table (then `extra_lines`)."""
     from xray_cls.files import write_json
     from xray_cls.gradcam import gradcam_sample_figure
     from xray_cls.loggers import log_figures, log_results
 
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    results = module.test_results
-    metrics = evaluation_metrics(results, threshold, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed)
-    metrics = {**metrics, "calibration": calibration_metrics(results, module.temperature, val), **extra}
-    if trainer.is_global_zero:
-        figures = make_test_figures(results, metrics["class_names"])
-        figures["reliability_diagram"] = reliability_figure(metrics["calibration"])
-        if gradcam and cfg.gradcam_samples > 0:
-            figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
-        save_figures(figures, out_dir / "figures")
-        log_figures(loggers, figures, trainer.global_step)
-        log_results(loggers, metrics)
-        write_json(out_dir / "metrics.json", metrics)
-        print(format_test_table(metrics, title), flush=True)
-    return metrics
+    figures = make_test_figures(results, metrics["class_names"])
+    figures["reliability_diagram"] = reliability_figure(metrics["calibration"])
+    if gradcam and cfg.gradcam_samples > 0:
+        figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
+    save_figures(figures, out_dir / "figures")
+    log_figures(loggers, figures, trainer.global_step)
+    log_results(loggers, metrics)
+    write_json(out_dir / "metrics.json", metrics)
+    print(format_test_table(metrics, title) + extra_lines, flush=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import time
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -36,55 +34,6 @@ def slurm_job() -> dict[str, Any] | None:
     }
 
 
-def squeue_watcher() -> Any:
-    """submitit's job-state poller (SlurmInfoWatcher), reading `squeue` once `sacct` has failed.
-    Built here because submitit is an optional dependency (the `sweeps` extra)."""
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
-    class SqueueWatcher(SlurmInfoWatcher):
-        def __init__(self, delay_s: int = 60) -> None:
-            super().__init__(delay_s)
-            self.use_squeue = False
-
-        def _make_command(self) -> list[str] | None:
-            command = super()._make_command()  # sacct ... -j ID -j ID
-            if command is None or not self.use_squeue:
-                return command
-            job_ids = [command[i + 1] for i, part in enumerate(command) if part == "-j"]
-            # --states=all: finished jobs too, for as long as slurmctld keeps them (MinJobAge, 300 s by default)
-            return ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%N", "--jobs", ",".join(job_ids)]
-
-        def update(self) -> None:
-            command = self._make_command()
-            if command is None:
-                return
-            self._num_calls += 1
-            try:
-                result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            except (OSError, subprocess.TimeoutExpired) as err:
-                result = subprocess.CompletedProcess(command, 1, "", str(err))
-            if result.returncode != 0 and not self.use_squeue:
-                self.use_squeue = True
-                log.warning(
-                    "sacct cannot report job states here (%s): this cluster keeps no accounting database; "
-                    "reading them from squeue instead (shown once)", result.stderr.strip() or f"exit status {result.returncode}",
-                )
-                self._num_calls -= 1
-                return self.update()
-            seen: dict[str, dict[str, str]] = {}
-            if result.returncode == 0:
-                seen = self.read_info(result.stdout if not self.use_squeue else "JobID|State|NodeList\n" + result.stdout)
-                self._info_dict.update(seen)
-            if self.use_squeue and (result.returncode == 0 or "Invalid job id" in result.stderr):
-                # A job squeue no longer knows ended long ago; submitit then looks for its result file.
-                for job_id in self._registered - self._finished - seen.keys():
-                    self._info_dict[job_id] = {"JobID": job_id, "State": "GONE"}
-            self._last_status_check = time.time()
-            self._finished |= {job_id for job_id in self._registered - self._finished if self.is_done(job_id, mode="cache")}
-
-    return SqueueWatcher(delay_s=60)
-
-
 class SlurmJobStates(Callback):
     """Hydra callback (see conf/train.yaml): a multirun on SLURM polls its jobs with SqueueWatcher."""
 
@@ -92,4 +41,6 @@ class SlurmJobStates(Callback):
         if config.hydra.launcher.get("_target_", "").endswith("submitit_launcher.SlurmLauncher"):
             from submitit.slurm.slurm import SlurmJob
 
-            SlurmJob.watcher = squeue_watcher()  # one poller shared by all jobs, as in submitit
+            from xray_cls.slurm_watcher import SqueueWatcher
+
+            SlurmJob.watcher = SqueueWatcher(delay_s=60)  # one poller shared by all jobs, as in submitit

@@ -14,7 +14,6 @@ and nothing is written outside the sweep folder.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from xray_cls import course_report
 from xray_cls.files import atomic_write, path_text, write_csv, write_text

@@ -10,12 +10,11 @@ The configs name `xray_cls.data.PneumoniaMNISTDataModule` and `xray_cls.data.Ima
 """
 
 from xray_cls.data.augment import AUGMENT_PRESETS, Augment, BatchAugment, augment_preset
-from xray_cls.data.datamodule import CLASS_NAMES, SPLITS, EpochShuffle, Split, XrayDataModule, normalize, pixel_mean_std
+from xray_cls.data.datamodule import CLASS_NAMES, SPLITS, EpochShuffle, Evaluation, Split, XrayDataModule, normalize, pixel_mean_std
 from xray_cls.data.folder import ImageFolderDataModule, patient_id, patient_split
 from xray_cls.data.images import (
     GEOMETRIES,
     IMAGE_SUFFIXES,
-    MAX_IMAGE_SIZE,
     center_square,
     is_image_file,
     open_gray,
@@ -32,11 +31,11 @@ __all__ = [
     "CLASS_NAMES",
     "GEOMETRIES",
     "IMAGE_SUFFIXES",
-    "MAX_IMAGE_SIZE",
     "SPLITS",
     "Augment",
     "BatchAugment",
     "EpochShuffle",
+    "Evaluation",
     "ImageFolderDataModule",
     "PneumoniaMNISTDataModule",
     "Split",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xray_cls.errors import UserInputError, is_number
+from xray_cls.config import AUGMENTATIONS, check_choice, check_number
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,11 @@ class Augment:
     aspect: float = 0.0
 
 
-AUGMENT_PRESETS = {
-    "none": Augment(),
-    "mild": Augment(contrast=0.1, translate=0.12, zoom=0.13),
-    "strong": Augment(contrast=0.2, translate=0.23, zoom=0.27),
-}
+AUGMENT_PRESETS = dict(zip(AUGMENTATIONS, (  # the names data.aug takes (xray_cls.config)
+    Augment(),
+    Augment(contrast=0.1, translate=0.12, zoom=0.13),  # mild
+    Augment(contrast=0.2, translate=0.23, zoom=0.27),  # strong
+)))
 
 
 class BatchAugment(nn.Module):
@@ -87,18 +87,10 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[tor
 
 
 def check_mixup(alpha: float) -> float:
-    if not is_number(alpha) or not 0 <= alpha <= 10:
-        raise UserInputError(f"data.mixup={alpha!r} is not valid; expected a number in [0, 10] (0: off)")
-    return float(alpha)
+    return float(check_number("data.mixup", alpha, 0, 10, expected="a number in [0, 10] (0: off)"))
 
 
 def augment_preset(name: str, aspect: float = 0.0) -> Augment:
     """The preset `name`, with aspect-ratio jitter `aspect` on top."""
-    if name not in AUGMENT_PRESETS:
-        raise UserInputError(
-            f"data.aug={name!r} is not a known augmentation preset; expected one of "
-            f"{', '.join(AUGMENT_PRESETS)}"
-        )
-    if not is_number(aspect) or not 0 <= aspect < 10:
-        raise UserInputError(f"data.aspect={aspect!r} is not valid; expected a number in [0, 10)")
-    return replace(AUGMENT_PRESETS[name], aspect=float(aspect))
+    check_choice("data.aug", name, AUGMENT_PRESETS, "a known augmentation preset")
+    return replace(AUGMENT_PRESETS[name], aspect=float(check_number("data.aspect", aspect, 0, 10, high_open=True)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xray_cls.data.augment import BatchAugment, augment_preset, check_mixup, mixup
-from xray_cls.data.images import MAX_IMAGE_SIZE, check_geometry
-from xray_cls.errors import UserInputError, is_number
+from xray_cls.data.images import check_geometry
+from xray_cls.config import MAX_IMAGE_SIZE, SPLITS, check_choice, check_number
+from xray_cls.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,16 @@ log = logging.getLogger(__name__)
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0 and 1, as in MedMNIST
 
 
-SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` reads for a trained model: one split, the splits its run drew from train
+    (paths by split, from the checkpoint), and its preprocessing (the train split's mean and std)."""
+
+    split: str
+    preprocessing: dict[str, Any]
+    recorded: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,10 +170,8 @@ class XrayDataModule(L.LightningDataModule):
         geometry: str = "crop",
     ) -> None:
         super().__init__()
-        if image_size is not None and (not is_number(image_size, int) or not 0 < image_size <= MAX_IMAGE_SIZE):
-            raise UserInputError(f"data.image_size={image_size!r} is not valid; expected a positive integer (at most {MAX_IMAGE_SIZE})")
-        if not is_number(batch_size, int) or batch_size <= 0:
-            raise UserInputError(f"data.batch_size={batch_size!r} is not valid; expected a positive integer")
+        check_number("data.image_size", image_size, 1, MAX_IMAGE_SIZE, integer=True, none=True)
+        check_number("data.batch_size", batch_size, 1, integer=True)
         self.geometry = check_geometry(geometry, "data.geometry")
         self.requested_size = image_size
         self.batch_size = batch_size
@@ -184,13 +192,14 @@ class XrayDataModule(L.LightningDataModule):
     def read_splits(self) -> dict[str, Split]:
         raise NotImplementedError
 
-    def evaluate_split(self, split: str, recorded: dict[str, list[str]] | None = None) -> None:
-        """Serve `split` as the test split, reading only what it needs; splits a run drew from
-        train are rebuilt from `recorded` (the run's own, see `state_dict`) when given."""
-        if split not in SPLITS:
-            raise UserInputError(f"split={split!r} is not a split of this data; expected one of {', '.join(SPLITS)}")
-        self.test_split = self.only_split = split
-        self.recorded = recorded or {}
+    def setup_evaluation(self, evaluation: Evaluation) -> None:
+        """Read the data as `evaluate` needs it for a trained model: only the split it evaluates
+        (served as the test split; splits the run drew from train rebuilt from its record), then
+        normalized with the model's own statistics instead of this data's."""
+        self.test_split = self.only_split = check_choice("split", evaluation.split, SPLITS, "a split of this data")
+        self.recorded = dict(evaluation.recorded)
+        self.setup("test")
+        self.mean, self.std = evaluation.preprocessing["mean"], evaluation.preprocessing["std"]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:  # idempotent: the CLI reads the data once to size the network
@@ -298,6 +307,3 @@ class XrayDataModule(L.LightningDataModule):
             "geometry": self.geometry,
         }
 
-    def use_preprocessing(self, preprocessing: dict[str, Any]) -> None:
-        """Normalize with a trained model's statistics instead of this data's own."""
-        self.mean, self.std = preprocessing["mean"], preprocessing["std"]

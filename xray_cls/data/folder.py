@@ -13,7 +13,8 @@ import torch
 from xray_cls.data.cache import cache_path, cached_images
 from xray_cls.data.datamodule import CLASS_NAMES, Split, XrayDataModule
 from xray_cls.data.images import IMAGE_SUFFIXES, decode_images, is_image_file
-from xray_cls.errors import UserInputError, is_number
+from xray_cls.config import MAX_IMAGE_SIZE, check_number
+from xray_cls.errors import UserInputError
 from xray_cls.files import path_text
 
 log = logging.getLogger(__name__)
@@ -141,14 +142,12 @@ class ImageFolderDataModule(XrayDataModule):
         cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if image_size is None:
-            raise UserInputError("data.image_size=None is not valid; expected a positive integer")
+        check_number("data.image_size", image_size, 1, MAX_IMAGE_SIZE, integer=True)  # a folder has no size of its own
         super().__init__(image_size=image_size, **kwargs)
         if not root:
             raise UserInputError("data.root is not set; expected data.root=/path/to/chest_xray")
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not is_number(fraction) or not 0 < fraction < 1:
-                raise UserInputError(f"data.{name}={fraction!r} is not valid; expected a number in (0, 1)")
+            check_number(f"data.{name}", fraction, 0, 1, low_open=True, high_open=True)
         self.root = Path(root).expanduser()
         self.val_fraction = val_fraction
         self.min_val_images = min_val_images

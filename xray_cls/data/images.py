@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xray_cls.config import GEOMETRIES, check_choice
 from xray_cls.data import headers
 from xray_cls.errors import UserInputError
 from xray_cls.files import path_text
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 
 
-GEOMETRIES = ("crop", "stretch")  # how a non-square image becomes square: see fit_square
-MAX_IMAGE_SIZE = 2048  # the largest side images are resized to (data.image_size, a checkpoint's preprocessing)
 
 
 def is_image_file(path: Path) -> bool:
@@ -324,9 +323,7 @@ def resize_uint8(images: torch.Tensor, size: int, geometry: str = "crop") -> tor
 
 
 def check_geometry(geometry: Any, option: str) -> str:
-    if geometry not in GEOMETRIES:
-        raise UserInputError(f"{option}={geometry!r} is not valid; expected one of {', '.join(GEOMETRIES)}")
-    return geometry
+    return check_choice(option, geometry, GEOMETRIES)
 
 
 def trained_geometry(preprocessing: dict[str, Any], ckpt: Any) -> str:

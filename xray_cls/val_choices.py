@@ -1,0 +1,120 @@
+"""What a run chooses on its val split once training is done, as one value (`ValChoices`).
+
+After fit, the tested weights' val logits give the temperature (`calibration=temperature`:
+temperature scaling, Guo et al. 2017) and then, on the calibrated val probabilities, the decision
+threshold by `threshold_rule`. Test, `evaluate`, `predict`, `export` and an ensemble's threshold
+all use the same value: it is written into a run's checkpoints and read back from them here, in
+the format checkpoints have always had (`threshold`, `threshold_rule`, `temperature`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xray_cls.config import CALIBRATIONS
+from xray_cls.memory import return_freed_memory
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class ValChoices:
+    """An image is called PNEUMONIA when sigmoid(logit / temperature) > threshold; `rule` says how
+    the threshold was chosen, with the val sensitivity and specificity at it (None when it was
+    given, not chosen on val)."""
+
+    threshold: float = 0.5
+    rule: str = "fixed"
+    val_sensitivity: float | None = None
+    val_specificity: float | None = None
+    temperature: float = 1.0
+
+    def rule_record(self) -> dict[str, Any]:
+        """metrics.json's and the checkpoint's `threshold_rule`."""
+        record: dict[str, Any] = {"rule": self.rule, "threshold": self.threshold}
+        if self.val_sensitivity is not None:
+            record.update(val_sensitivity=self.val_sensitivity, val_specificity=self.val_specificity)
+        return record
+
+    def with_threshold(self, threshold: float) -> ValChoices:
+        """The same temperature, with a threshold given by the user rather than chosen on val."""
+        return replace(self, threshold=float(threshold), rule="fixed", val_sensitivity=None, val_specificity=None)
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> ValChoices:
+        """A checkpoint's choices (checked plain values, see checkpoint.untrusted_part). A checkpoint
+        written before the rule was recorded has only its threshold: a fixed one."""
+        rule = hparams.get("threshold_rule") or {}
+        return cls(
+            threshold=float(hparams.get("threshold", 0.5)),
+            rule=str(rule.get("rule", "fixed")),
+            val_sensitivity=rule.get("val_sensitivity"),
+            val_specificity=rule.get("val_specificity"),
+            temperature=float(hparams.get("temperature", 1.0)),
+        )
+
+    def record_in(self, path: Path, checkpoint: dict[str, Any]) -> None:
+        """Write the choices into `checkpoint` (as read from `path`) and the file, durably."""
+        from xray_cls.checkpoint import write_checkpoint
+
+        checkpoint["hyper_parameters"].update(self.hparams())
+        write_checkpoint(path, checkpoint)
+
+    def hparams(self) -> dict[str, Any]:
+        """The checkpoint's (and the classifier's) hyper-parameters that hold these choices."""
+        return {"threshold": self.threshold, "threshold_rule": self.rule_record(), "temperature": float(self.temperature)}
+
+
+def val_predictions(module: Any, datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's logits (before any temperature) and the labels of the val split, batch by
+    batch: a large val split is never copied whole, let alone as float."""
+    val = datamodule.splits["val"]
+    logits = []
+    for images in val.batches(datamodule.batch_size):
+        logits.append(module.predict_logits(datamodule.preprocess(images.to(module.device))).cpu())
+        return_freed_memory()  # else each batch's freed activations pile up in the threads' arenas
+    return torch.cat(logits), val.labels.cpu()
+
+
+def choose_on_val(
+    logits: torch.Tensor, labels: torch.Tensor, calibration: str, rule: str, fixed: float, target_sensitivity: float
+) -> ValChoices:
+    """The temperature by `calibration`, then the threshold by `rule` on the calibrated val probabilities."""
+    temperature = fit_calibration(calibration, logits, labels)
+    return choose_threshold_on_val(torch.sigmoid(logits / temperature), labels, rule, fixed, target_sensitivity, temperature)
+
+
+def choose_threshold_on_val(
+    probs: torch.Tensor, labels: torch.Tensor, rule: str, fixed: float, target_sensitivity: float, temperature: float = 1.0
+) -> ValChoices:
+    from xray_cls.metrics import choose_threshold
+
+    chosen = choose_threshold(rule, probs, labels, fixed, target_sensitivity)
+    log.info(
+        "threshold %.4f (%s rule on %d val images): val sensitivity %.4f, specificity %.4f",
+        chosen["threshold"], chosen["rule"], len(labels), chosen["val_sensitivity"], chosen["val_specificity"],
+    )
+    return ValChoices(chosen["threshold"], chosen["rule"], chosen["val_sensitivity"], chosen["val_specificity"], temperature)
+
+
+def fit_calibration(calibration: str, val_logits: torch.Tensor, val_labels: torch.Tensor) -> float:
+    """The temperature by `calibration`: 1 (none), or temperature scaling fitted on val only."""
+    from xray_cls.config import check_choice
+    from xray_cls.metrics import TEMPERATURE_RANGE, calibration_error, fit_temperature
+
+    if check_choice("calibration", calibration, CALIBRATIONS, "known") == "none":
+        return 1.0
+    temperature = fit_temperature(val_logits, val_labels)
+    if temperature in TEMPERATURE_RANGE:
+        log.warning("the temperature fitted on val reached the limit %s: val may be too small or too easy", temperature)
+    before = calibration_error(val_logits.sigmoid(), val_labels)
+    after = calibration_error((val_logits / temperature).sigmoid(), val_labels)
+    log.info("temperature %.4f fitted on val: val ECE %.4f before, %.4f after", temperature, before, after)
+    return temperature
