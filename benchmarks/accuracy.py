@@ -7,6 +7,7 @@ with --folder, `+experiment=best_folder` on a Kermany/Kaggle image folder.
     python benchmarks/accuracy.py --quick      # one seed, one short epoch: a smoke test
     python benchmarks/accuracy.py --calibration temperature   # temperature scaling fitted on val
     python benchmarks/accuracy.py --folder PATH [--heldout TEST_PATH]
+    python benchmarks/accuracy.py --folder PATH --site SITE [--site-fractions 0.05,0.1,0.2]
 
 Everything about a run is chosen on the validation split (checkpoint, temperature, threshold);
 each run's test split is evaluated once, after training, and only reported here. In folder mode
@@ -16,6 +17,14 @@ folders), e.g. the Kaggle test images the recipe never saw. The last line is mac
 (RESULT ...): ece= is the test ECE (15 bins) of the recipe, and with --calibration temperature,
 ece_uncalibrated= is the same before temperature scaling; folder mode adds the folder's figures
 (folder_acc= folder_auroc=, and heldout_acc= heldout_auroc= with --heldout).
+
+With --site, each run is also taken to another site, a folder of labeled images (test/ or the
+class folders; `--site bundled` writes the bundled PneumoniaMNIST test split there as PNGs: Kaggle's
+test images, collected apart from its train images). evaluate's site protocol splits the site by
+patient into a calibration part (each of --site-fractions, default 0.2) and a test part, and the
+run is reported on the test part four ways: as it is, adapted (site.adapt=bn on the calibration
+part's images), recalibrated (on the calibration part's labels), and both. The RESULT line gives,
+for the largest fraction, the mean and the worst seed of accuracy, AUROC and specificity of each.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +49,41 @@ PUBLISHED = [  # ACC / AUROC on the same 624-image test set (MedMNIST v2 and its
 ]
 
 
-def run(overrides: list[str], seed: int, heldout: Path | None = None) -> dict[str, Any]:
-    """One training run's metrics; with `heldout`, its best checkpoint's metrics there too."""
+SITE_VARIANTS = {  # name: evaluate's site.* overrides
+    "as_is": ["site.adapt=none", "site.recalibrate=false"],
+    "adapted": ["site.adapt=bn", "site.recalibrate=false"],
+    "recalibrated": ["site.adapt=none", "site.recalibrate=true"],
+    "both": ["site.adapt=bn", "site.recalibrate=true"],
+}
+
+
+def run(overrides: list[str], seed: int, heldout: Path | None = None, site: Path | None = None,
+        fractions: list[float] | None = None) -> dict[str, Any]:
+    """One training run's metrics; with `heldout`, its best checkpoint's metrics there too; with
+    `site`, its site protocol's metrics for each fraction and variant (`metrics["site"][f][v]`)."""
     with tempfile.TemporaryDirectory() as out:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=[f"paths.output_dir={Path(out)}", f"seed={seed}", *overrides])
         metrics = train(cfg)
+        ckpt = Path(out) / metrics["best_checkpoint"]["path"]
         if heldout is not None:
-            ckpt = Path(out) / metrics["best_checkpoint"]["path"]
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                eval_cfg = compose("evaluate", overrides=[
-                    f"paths.output_dir={Path(out) / 'heldout'}", f"ckpt='{ckpt}'", "data=folder", f"data.root='{heldout}'",
-                    f"data.cache_dir='{cfg.data.cache_dir}'", "gradcam_samples=0",
-                ])
-            metrics["heldout"] = evaluate(eval_cfg)
+            metrics["heldout"] = evaluated(out, "heldout", ckpt, heldout, cfg.data.cache_dir, [])
+        for fraction in fractions if site is not None else []:
+            metrics.setdefault("site", {})[fraction] = {
+                name: evaluated(out, f"site_{fraction}_{name}", ckpt, site, cfg.data.cache_dir,
+                                [f"site.calibration_fraction={fraction}", "bootstrap.resamples=0", *variant])
+                for name, variant in SITE_VARIANTS.items()
+            }
         return metrics
+
+
+def evaluated(out: str, name: str, ckpt: Path, root: Path, cache_dir: str, overrides: list[str]) -> dict[str, Any]:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        eval_cfg = compose("evaluate", overrides=[
+            f"paths.output_dir={Path(out) / name}", f"ckpt='{ckpt}'", "data=folder", f"data.root='{root}'",
+            f"data.cache_dir='{cache_dir}'", "gradcam_samples=0", *overrides,
+        ])
+    return evaluate(eval_cfg)
 
 
 def summarize(name: str, results: list[dict[str, Any]]) -> dict[str, float]:
@@ -101,6 +131,8 @@ def main() -> None:
                         help="calibration of the recipe (default none)")
     parser.add_argument("--folder", type=Path, help="a Kermany/Kaggle folder: run +experiment=best_folder on it instead")
     parser.add_argument("--heldout", type=Path, help="with --folder: a folder of test images to evaluate each run on once")
+    parser.add_argument("--site", help="with --folder: another site's labeled folder, or `bundled` (PneumoniaMNIST's test split)")
+    parser.add_argument("--site-fractions", default="0.2", help="calibration fractions of the site (default 0.2)")
     args = parser.parse_args()
     seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     quick = ["trainer.max_epochs=1", "trainer.limit_train_batches=10"] if args.quick else []
@@ -108,7 +140,10 @@ def main() -> None:
 
     calibrated = [f"calibration={args.calibration}"]
     if args.folder is not None:
-        folder_main(args.folder, args.heldout, seeds, [*calibrated, *common], args.calibration)
+        fractions = [float(f) for f in args.site_fractions.split(",")]
+        with tempfile.TemporaryDirectory() if args.site == "bundled" else nullcontext() as written:
+            site = write_bundled_test(Path(written)) if args.site == "bundled" else (Path(args.site) if args.site else None)
+            folder_main(args.folder, args.heldout, seeds, [*calibrated, *common], args.calibration, site, fractions)
         return
     best = summarize("+experiment=best", [run(["+experiment=best", *calibrated, *common], s) for s in seeds])
     baseline = summarize("the study's default CNN", [run(common, s) for s in seeds])
@@ -120,15 +155,55 @@ def main() -> None:
     )
 
 
-def folder_main(root: Path, heldout: Path | None, seeds: list[int], overrides: list[str], calibration: str) -> None:
+def folder_main(root: Path, heldout: Path | None, seeds: list[int], overrides: list[str], calibration: str,
+                site: Path | None = None, fractions: list[float] | None = None) -> None:
     recipe = ["+experiment=best_folder", f"data.root={root}", *overrides]
-    best = summarize(f"+experiment=best_folder on {root}", [run(recipe, s, heldout) for s in seeds])
+    results = [run(recipe, s, heldout, site, fractions) for s in seeds]
+    best = summarize(f"+experiment=best_folder on {root}", results)
     held = f" heldout_acc={best['heldout_acc']:.4f} heldout_auroc={best['heldout_auroc']:.4f}" if heldout else ""
     print(
         f"RESULT folder_acc={best['acc']:.4f} folder_auroc={best['auroc']:.4f} folder_acc_std={best['acc_std']:.4f}{held} "
         f"seeds={len(seeds)} minutes_per_run={best['minutes']:.2f} ece={best['ece']:.4f}"
         + (f" ece_uncalibrated={best['ece_uncalibrated']:.4f}" if calibration == "temperature" else "")
     )
+    if site is not None:
+        print(site_summary(results, fractions or []))
+
+
+def site_summary(results: list[dict[str, Any]], fractions: list[float]) -> str:
+    """Per fraction, a table of each seed's site test part four ways; then the RESULT line of the largest fraction."""
+    lines = []
+    for fraction in fractions:
+        parts = results[0]["site"][fraction]["as_is"]["site"]["parts"]
+        lines.append(f"\nsite, calibration fraction {fraction}: test part {parts['test']['images']} images, calibration part "
+                     f"{parts['calibration']['per_class']} (NORMAL/PNEUMONIA)")
+        lines.append(f"  {'seed':>4}  " + "  ".join(f"{v:>22}" for v in SITE_VARIANTS) + "   (ACC / AUROC / specificity)")
+        for r in results:
+            cells = [r["site"][fraction][v]["test"] for v in SITE_VARIANTS]
+            lines.append(f"  {r['hparams']['seed']:>4}  " + "  ".join(
+                f"{t['accuracy']:.4f}/{t['auroc']:.4f}/{t['specificity']:.4f}" for t in cells))
+    fraction = max(fractions)
+    values = []
+    for variant in SITE_VARIANTS:
+        for key, short in (("accuracy", "acc"), ("auroc", "auroc"), ("specificity", "spec")):
+            scores = [r["site"][fraction][variant]["test"][key] for r in results]
+            values += [f"{variant}_{short}={statistics.mean(scores):.4f}", f"{variant}_{short}_worst={min(scores):.4f}"]
+    return "\n".join(lines) + f"\nRESULT site_fraction={fraction} " + " ".join(values)
+
+
+def write_bundled_test(folder: Path) -> Path:
+    """PneumoniaMNIST's test split as PNGs in folder/{NORMAL,PNEUMONIA}/: Kaggle's test images at 28 px."""
+    import numpy as np
+    from PIL import Image
+
+    from xray_cls.data import BUNDLED_NPZ
+
+    arrays = np.load(BUNDLED_NPZ)
+    for i, (image, label) in enumerate(zip(arrays["test_images"], arrays["test_labels"][:, 0])):
+        target = folder / ("NORMAL", "PNEUMONIA")[int(label)] / f"test_{i:04d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(target)
+    return folder
 
 
 if __name__ == "__main__":

@@ -20,14 +20,21 @@ ACCURACY_KEYS = ["acc", "auroc", "acc_std", "seeds", "minutes_per_run", "baselin
 
 def quick_result(script: str, keys: list[str], cwd: Path, *args: str) -> dict[str, str]:
     """Runs `script --quick ARGS` and returns its RESULT line's values, which must be exactly `keys`."""
+    return quick_results(script, [keys], cwd, *args)[0]
+
+
+def quick_results(script: str, keys: list[list[str]], cwd: Path, *args: str) -> list[dict[str, str]]:
+    """Runs `script --quick ARGS`; its RESULT lines (the last ones) must hold exactly `keys`, in order."""
     env = {**os.environ, "XDG_CACHE_HOME": str(cwd / "cache")}  # decoded folders stay in the test's folder
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, str(BENCHMARKS / script), "--quick", *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    last = result.stdout.strip().splitlines()[-1]
-    assert re.fullmatch("RESULT " + " ".join(rf"{k}=\d+(\.\d+)?" for k in keys), last), last
-    return dict(item.split("=") for item in last.split()[1:])
+    lines = [line for line in result.stdout.strip().splitlines() if line.startswith("RESULT ")][-len(keys):]
+    assert len(lines) == len(keys) and result.stdout.strip().splitlines()[-1] == lines[-1], result.stdout[-2000:]
+    for line, expected in zip(lines, keys):
+        assert re.fullmatch("RESULT " + " ".join(rf"{k}=\d+(\.\d+)?" for k in expected), line), line
+    return [dict(item.split("=") for item in line.split()[1:]) for line in lines]
 
 
 def test_speed_benchmark_quick_mode(tmp_path: Path) -> None:
@@ -48,9 +55,17 @@ def test_scale_benchmark_quick_mode(tmp_path: Path) -> None:
     assert all(float(v) > 0 for v in values.values())  # memory sampled, epochs timed, folders decoded
 
 
+SITE_KEYS = ["site_fraction"] + [f"{variant}_{score}{worst}" for variant in ("as_is", "adapted", "recalibrated", "both")
+                                  for score in ("acc", "auroc", "spec") for worst in ("", "_worst")]
+
+
 def test_accuracy_benchmark_folder_mode(kermany_root: Path, tmp_path: Path) -> None:
-    """+experiment=best_folder on a folder, each run also evaluated once on a held-out folder."""
+    """+experiment=best_folder on a folder, each run also evaluated once on a held-out folder, and
+    taken to another site four ways (the site here: the folder's own test images)."""
     keys = ["folder_acc", "folder_auroc", "folder_acc_std", "heldout_acc", "heldout_auroc", "seeds", "minutes_per_run", "ece"]
-    values = quick_result("accuracy.py", keys, tmp_path, "--folder", str(kermany_root), "--heldout", str(kermany_root / "test"))
+    values, site = quick_results("accuracy.py", [keys, SITE_KEYS], tmp_path, "--folder", str(kermany_root),
+                                 "--heldout", str(kermany_root / "test"), "--site", str(kermany_root / "test"), "--site-fractions", "0.5")
     assert values["seeds"] == "1"
     assert 0 < float(values["folder_acc"]) <= 1 and 0 < float(values["heldout_auroc"]) <= 1
+    assert site["site_fraction"] == "0.5" and all(0 <= float(v) <= 1 for v in site.values())
+    assert site["as_is_acc"] == site["as_is_acc_worst"]  # one seed: its mean is its worst

@@ -20,7 +20,8 @@ from xray_cls.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-CONFIGS = {"xray_cls": "train", "xray_cls.evaluate": "evaluate", "xray_cls.predict": "predict", "xray_cls.export": "export"}
+CONFIGS = {"xray_cls": "train", "xray_cls.evaluate": "evaluate", "xray_cls.predict": "predict", "xray_cls.export": "export",
+           "xray_cls.adapt": "adapt", "xray_cls.recalibrate": "recalibrate"}
 OTHER_MODULES = {"xray_cls.sweep_report"}  # argparse commands: the module must exist
 
 

@@ -93,6 +93,10 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
         for key, value in (hparams.get(group) or {}).items():
             if not _is_plain(value, lists=True):
                 return f"{group}.{key} is {_kind(value)}, not a number, string or a list of those"
+    from xray_cls.config import CALIBRATIONS
+
+    if hparams.get("calibration", "none") not in CALIBRATIONS:
+        return f"calibration is {str(hparams['calibration'])[:50]!r}, not one of {', '.join(CALIBRATIONS)}"
     return preprocessing_problem(hparams.get("preprocessing") or {})
 
 
@@ -147,7 +151,7 @@ def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
     checkpoint = read_checkpoint(path, option)
     hparams = checkpoint["hyper_parameters"]
     check_state_dict(hparams["net"], checkpoint["state_dict"], f"{option}={path}")
-    trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule", "temperature")  # never optimizer or scheduler
+    trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule", "temperature", "calibration")  # never optimizer or scheduler
     try:
         module = XrayClassifier(**{key: hparams[key] for key in trusted if key in hparams})
         module.load_state_dict(checkpoint["state_dict"])

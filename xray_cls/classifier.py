@@ -76,6 +76,7 @@ class XrayClassifier(L.LightningModule):
         threshold_rule: dict[str, Any] | None = None,  # how `threshold` was chosen, once it was
         temperature: float = 1.0,
         label_smoothing: float = 0.0,
+        calibration: str = "none",  # how `temperature` was found (val_choices.ValChoices)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its own curated hparams

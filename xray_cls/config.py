@@ -30,6 +30,7 @@ THRESHOLD_RULES = ("fixed", "youden", "youden_neutral", "sensitivity")  # thresh
 CALIBRATIONS = ("none", "temperature")  # calibration (val_choices.py)
 SPLITS = ("train", "val", "test")
 EXPORT_FORMATS = ("onnx", "torchscript")  # export's format (export.py)
+ADAPTATIONS = ("bn", "normalization")  # adapt's method and evaluate's site.adapt (site.py)
 MAX_IMAGE_SIZE = 2048  # the largest side images are resized to (data.image_size, a checkpoint's preprocessing)
 
 # conf/ sits beside the package in a source checkout and inside it in an installed wheel.
@@ -48,6 +49,12 @@ def check_choice(option: str, value: Any, choices: Iterable[str], verb: str = "v
     choices = list(choices)
     if value not in choices:
         raise UserInputError(f"{option}={value!r} is not {verb}; expected one of {', '.join(choices)}")
+    return value
+
+
+def check_bool(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserInputError(f"{option}={value!r} is not valid; expected true or false")
     return value
 
 
@@ -151,6 +158,21 @@ OPTIONS = {
         *REPORTING,
         choice("split", SPLITS, "a split of this data"),
         number("threshold", 0, 1, none=True),
+        number("site.calibration_fraction", 0, 1, low_open=True, high_open=True, none=True),
+        number("site.seed", integer=True),
+        choice("site.adapt", ("none", *ADAPTATIONS)),
+        choice("site.adapt_on", ("calibration", "all")),
+        Option("site.recalibrate", lambda option, value: check_bool(option, value)),
+    ],
+    "adapt": [
+        choice("method", ADAPTATIONS),
+        number("batch_size", 1, integer=True),
+    ],
+    "recalibrate": [
+        *DATA,
+        number("target_sensitivity", 0, 1, low_open=True),
+        number("bootstrap.resamples", 0, integer=True, expected="0 (no intervals) or a positive integer"),
+        number("bootstrap.confidence", 0, 1, low_open=True, high_open=True),
     ],
     "predict": [
         number("batch_size", 1, integer=True),

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
 from xray_cls.cli import exit_on_user_error, quiet_libraries, require
 from xray_cls.config import CONFIG_DIR, check_options
+from xray_cls.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ def evaluate_in(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     datamodule = evaluation_data(cfg, preprocessing, geometry, cfg.split, recorded)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    if cfg.site.calibration_fraction is not None:  # another site's images: adapt and recalibrate on a part, test on the rest
+        if averaged:
+            raise UserInputError("site.calibration_fraction: the site protocol adapts and recalibrates one checkpoint; "
+                                 "expected ckpt=<one checkpoint> without tta")
+        from xray_cls.site_protocol import evaluate_site
+
+        return evaluate_site(cfg, out_dir, trainer, module, datamodule, paths[0])
     evaluation = {
         "checkpoint": paths[0] if not averaged else None,
         **({"ensemble": {"checkpoints": paths, "tta": tta, "tta_views": TTA_VIEWS if tta else 1}} if averaged else {}),

@@ -35,12 +35,16 @@ class ValChoices:
     val_sensitivity: float | None = None
     val_specificity: float | None = None
     temperature: float = 1.0
+    calibration: str = "none"  # how the temperature was found: none (1) or temperature scaling
+    target_sensitivity: float | None = None  # the `sensitivity` rule's target
 
     def rule_record(self) -> dict[str, Any]:
         """metrics.json's and the checkpoint's `threshold_rule`."""
         record: dict[str, Any] = {"rule": self.rule, "threshold": self.threshold}
         if self.val_sensitivity is not None:
             record.update(val_sensitivity=self.val_sensitivity, val_specificity=self.val_specificity)
+        if self.target_sensitivity is not None:
+            record["target_sensitivity"] = self.target_sensitivity
         return record
 
     def with_threshold(self, threshold: float) -> ValChoices:
@@ -52,12 +56,16 @@ class ValChoices:
         """A checkpoint's choices (checked plain values, see checkpoint.untrusted_part). A checkpoint
         written before the rule was recorded has only its threshold: a fixed one."""
         rule = hparams.get("threshold_rule") or {}
+        temperature = float(hparams.get("temperature", 1.0))
         return cls(
             threshold=float(hparams.get("threshold", 0.5)),
             rule=str(rule.get("rule", "fixed")),
             val_sensitivity=rule.get("val_sensitivity"),
             val_specificity=rule.get("val_specificity"),
-            temperature=float(hparams.get("temperature", 1.0)),
+            temperature=temperature,
+            # written before the method was recorded: a temperature other than 1 was fitted
+            calibration=str(hparams.get("calibration") or ("temperature" if temperature != 1.0 else "none")),
+            target_sensitivity=rule.get("target_sensitivity"),
         )
 
     def record_in(self, path: Path, checkpoint: dict[str, Any]) -> None:
@@ -69,13 +77,14 @@ class ValChoices:
 
     def hparams(self) -> dict[str, Any]:
         """The checkpoint's (and the classifier's) hyper-parameters that hold these choices."""
-        return {"threshold": self.threshold, "threshold_rule": self.rule_record(), "temperature": float(self.temperature)}
+        return {"threshold": self.threshold, "threshold_rule": self.rule_record(), "temperature": float(self.temperature),
+                "calibration": self.calibration}
 
 
-def val_predictions(module: Any, datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The module's logits (before any temperature) and the labels of the val split, batch by
-    batch: a large val split is never copied whole, let alone as float."""
-    val = datamodule.splits["val"]
+def val_predictions(module: Any, datamodule: Any, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's logits (before any temperature) and the labels of the val split (or `split`),
+    batch by batch: a large split is never copied whole, let alone as float."""
+    val = datamodule.splits[split]
     logits = []
     for images in val.batches(datamodule.batch_size):
         logits.append(module.predict_logits(datamodule.preprocess(images.to(module.device))).cpu())
@@ -84,27 +93,34 @@ def val_predictions(module: Any, datamodule: Any) -> tuple[torch.Tensor, torch.T
 
 
 def choose_on_val(
-    logits: torch.Tensor, labels: torch.Tensor, calibration: str, rule: str, fixed: float, target_sensitivity: float
+    logits: torch.Tensor, labels: torch.Tensor, calibration: str, rule: str, fixed: float, target_sensitivity: float,
+    on: str = "val",
 ) -> ValChoices:
-    """The temperature by `calibration`, then the threshold by `rule` on the calibrated val probabilities."""
-    temperature = fit_calibration(calibration, logits, labels)
-    return choose_threshold_on_val(torch.sigmoid(logits / temperature), labels, rule, fixed, target_sensitivity, temperature)
+    """The temperature by `calibration`, then the threshold by `rule` on the calibrated val probabilities
+    (`on` names the images in the log: another site's calibration part is no val split)."""
+    temperature = fit_calibration(calibration, logits, labels, on)
+    chosen = choose_threshold_on_val(torch.sigmoid(logits / temperature), labels, rule, fixed, target_sensitivity,
+                                     temperature, on)
+    return replace(chosen, calibration=calibration)
 
 
 def choose_threshold_on_val(
-    probs: torch.Tensor, labels: torch.Tensor, rule: str, fixed: float, target_sensitivity: float, temperature: float = 1.0
+    probs: torch.Tensor, labels: torch.Tensor, rule: str, fixed: float, target_sensitivity: float, temperature: float = 1.0,
+    on: str = "val",
 ) -> ValChoices:
     from xray_cls.metrics import choose_threshold
 
     chosen = choose_threshold(rule, probs, labels, fixed, target_sensitivity)
     log.info(
-        "threshold %.4f (%s rule on %d val images): val sensitivity %.4f, specificity %.4f",
-        chosen["threshold"], chosen["rule"], len(labels), chosen["val_sensitivity"], chosen["val_specificity"],
+        "threshold %.4f (%s rule on %d %s images): sensitivity %.4f, specificity %.4f there",
+        chosen["threshold"], chosen["rule"], len(labels), on, chosen["val_sensitivity"], chosen["val_specificity"],
     )
-    return ValChoices(chosen["threshold"], chosen["rule"], chosen["val_sensitivity"], chosen["val_specificity"], temperature)
+    target = target_sensitivity if rule == "sensitivity" else None
+    return ValChoices(chosen["threshold"], chosen["rule"], chosen["val_sensitivity"], chosen["val_specificity"], temperature,
+                      target_sensitivity=target)
 
 
-def fit_calibration(calibration: str, val_logits: torch.Tensor, val_labels: torch.Tensor) -> float:
+def fit_calibration(calibration: str, val_logits: torch.Tensor, val_labels: torch.Tensor, on: str = "val") -> float:
     """The temperature by `calibration`: 1 (none), or temperature scaling fitted on val only."""
     from xray_cls.config import check_choice
     from xray_cls.metrics import TEMPERATURE_RANGE, calibration_error, fit_temperature
@@ -113,8 +129,8 @@ def fit_calibration(calibration: str, val_logits: torch.Tensor, val_labels: torc
         return 1.0
     temperature = fit_temperature(val_logits, val_labels)
     if temperature in TEMPERATURE_RANGE:
-        log.warning("the temperature fitted on val reached the limit %s: val may be too small or too easy", temperature)
+        log.warning("the temperature fitted on %s reached the limit %s: %s may be too small or too easy", on, temperature, on)
     before = calibration_error(val_logits.sigmoid(), val_labels)
     after = calibration_error((val_logits / temperature).sigmoid(), val_labels)
-    log.info("temperature %.4f fitted on val: val ECE %.4f before, %.4f after", temperature, before, after)
+    log.info("temperature %.4f fitted on %s: ECE there %.4f before, %.4f after", temperature, on, before, after)
     return temperature

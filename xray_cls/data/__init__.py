@@ -10,7 +10,17 @@ The configs name `xray_cls.data.PneumoniaMNISTDataModule` and `xray_cls.data.Ima
 """
 
 from xray_cls.data.augment import AUGMENT_PRESETS, Augment, BatchAugment, augment_preset
-from xray_cls.data.datamodule import CLASS_NAMES, SPLITS, EpochShuffle, Evaluation, Split, XrayDataModule, normalize, pixel_mean_std
+from xray_cls.data.datamodule import (
+    CLASS_NAMES,
+    SPLITS,
+    EpochShuffle,
+    Evaluation,
+    Split,
+    XrayDataModule,
+    chunks_mean_std,
+    normalize,
+    pixel_mean_std,
+)
 from xray_cls.data.folder import ImageFolderDataModule, patient_id, patient_split
 from xray_cls.data.images import (
     GEOMETRIES,
@@ -42,6 +52,7 @@ __all__ = [
     "XrayDataModule",
     "augment_preset",
     "center_square",
+    "chunks_mean_std",
     "is_image_file",
     "normalize",
     "open_gray",

@@ -11,7 +11,7 @@ ops per batch instead of a PIL pipeline per image.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,10 +130,15 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 def pixel_mean_std(split: Split, chunk_bytes: int = 8 * 2**20) -> tuple[float, float]:
-    """Mean and standard deviation of a split's uint8 pixels scaled to [0, 1], from a histogram
-    built a chunk of images at a time, so that a large split is never copied whole."""
+    """Mean and standard deviation of a split's uint8 pixels scaled to [0, 1], read a chunk of
+    images at a time, so that a large split is never copied whole."""
+    return chunks_mean_std(split.batches(max(1, chunk_bytes // max(1, split.source[0].numel()))))
+
+
+def chunks_mean_std(chunks: Iterable[torch.Tensor]) -> tuple[float, float]:
+    """Mean and standard deviation of uint8 pixels scaled to [0, 1], from a histogram of `chunks`."""
     counts = torch.zeros(256, dtype=torch.float64)
-    for chunk in split.batches(max(1, chunk_bytes // max(1, split.source[0].numel()))):
+    for chunk in chunks:
         counts += torch.bincount(chunk.flatten(), minlength=256).cpu()
     values = torch.arange(256, dtype=torch.float64) / 255
     mean = (counts * values).sum() / counts.sum()

@@ -1,0 +1,240 @@
+"""A model at another site: AdaBN and per-site normalization (adapt), recalibration on a few labeled
+images (recalibrate), and evaluate's site protocol, on data whose shift is made here.
+
+The site is the test images of a trained run seen through another scanner: the same pictures with
+another contrast, gamma and offset. The class is in the brightness, so the shift breaks the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+from PIL import Image
+
+from xray_cls.checkpoint import load_classifier, read_checkpoint
+from xray_cls.errors import UserInputError
+from xray_cls.site import adapt_batch_norm, batch_norm_layers, files_digest
+
+RNG = np.random.default_rng(0)
+
+
+def pictures(count: int, label: int) -> np.ndarray:
+    """28 px images whose class shows in their brightness, with some structure."""
+    base = 95 + 60 * label
+    images = RNG.normal(base, 22, (count, 28, 28))
+    images[:, 8:20, 6:12] += 25  # a "lung" either class has
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def shifted(images: np.ndarray) -> np.ndarray:
+    """Another scanner: lower contrast, a gamma and a darker offset."""
+    x = images.astype(np.float64) / 255
+    return np.clip(255 * (0.6 * x**1.3) + 10, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("site")
+    arrays = {}
+    for split, (normal, pneumonia) in {"train": (300, 300), "val": (60, 60), "test": (80, 80)}.items():
+        images = np.concatenate([pictures(normal, 0), pictures(pneumonia, 1)])
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, np.repeat([0, 1], [normal, pneumonia])[:, None]
+    np.savez(folder / "source.npz", **arrays)
+    site = folder / "site_images"
+    for i, (image, label) in enumerate(zip(shifted(arrays["test_images"]), arrays["test_labels"][:, 0])):
+        (site / ("NORMAL", "PNEUMONIA")[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(site / ("NORMAL", "PNEUMONIA")[label] / f"patient{i:03d}_scan.png")
+    return {"npz": folder / "source.npz", "site": site, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def resnet_run(site_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from xray_cls.train import train
+
+    run_dir = tmp_path_factory.mktemp("resnet_run")
+    train(compose_config(run_dir, ["model=resnet", f"data.path={site_data['npz']}", "trainer.max_epochs=3", "threshold_rule=youden",
+                                   "calibration=temperature", "bootstrap.resamples=0", "gradcam_samples=0"]))
+    return run_dir
+
+
+def evaluate_site(run: Path, data: Path, out: Path, *site: str) -> dict:
+    from xray_cls.evaluate import evaluate
+
+    return evaluate(compose_config(out, [f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "data=folder", f"data.root={data}",
+                                         "bootstrap.resamples=0", "gradcam_samples=0", *site], name="evaluate"))
+
+
+def feature_statistics(net: torch.nn.Module, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The mean and variance, per channel, of what reaches each batch-norm layer (eval mode)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, x: seen.append((x[0].mean((0, 2, 3)), x[0].var((0, 2, 3)))))
+             for layer in batch_norm_layers(net)]
+    with torch.no_grad():
+        net.eval()(images)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_adabn_restores_the_batch_norm_statistics_and_the_accuracy(resnet_run: Path, site_data: dict[str, Path]) -> None:
+    from xray_cls.data import normalize
+
+    module = load_classifier(resnet_run / "checkpoints" / "best.ckpt")
+    prep = module.hparams.preprocessing
+    arrays = np.load(site_data["npz"])
+    source = normalize(torch.from_numpy(arrays["test_images"])[:, None], prep["mean"], prep["std"])
+    site = normalize(torch.from_numpy(shifted(arrays["test_images"]))[:, None], prep["mean"], prep["std"])
+    labels = torch.from_numpy(arrays["test_labels"][:, 0])
+
+    def accuracy(net: torch.nn.Module, images: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(((torch.sigmoid(net.eval()(images)) > 0.5) == labels.bool()).float().mean())
+
+    first = batch_norm_layers(module.net)[0]
+    gap_before = (feature_statistics(module.net, site)[0][0] - first.running_mean).abs().mean()
+    assert accuracy(module.net, source) > 0.95 and accuracy(module.net, site) < 0.75  # the shift breaks it
+    adapt_batch_norm(module.net, site.split(40))
+    for (mean, var), layer in zip(feature_statistics(module.net, site), batch_norm_layers(module.net)):
+        assert torch.allclose(layer.running_mean, mean, atol=1e-4)
+        assert torch.allclose(layer.running_var, var, rtol=1e-3, atol=1e-5)
+    assert (feature_statistics(module.net, site)[0][0] - first.running_mean).abs().mean() < gap_before / 10
+    assert accuracy(module.net, site) > 0.9
+
+
+def test_adapt_writes_a_checkpoint_with_its_provenance(resnet_run: Path, site_data: dict[str, Path], tmp_path: Path) -> None:
+    from xray_cls.adapt import adapt
+
+    ckpt = resnet_run / "checkpoints" / "best.ckpt"
+    path = adapt(compose_config(tmp_path / "out", [f"ckpt={ckpt}", f"data.root={site_data['site']}"], name="adapt"))
+    record = read_checkpoint(path)["hyper_parameters"]["adaptation"]
+    files = sorted(site_data["site"].rglob("*.png"))
+    assert record == {"method": "bn", "source": str(ckpt), "images": 160, "skipped": 0, "files_digest": files_digest(files),
+                      "folder": str(site_data["site"])}
+    adapted, original = load_classifier(path), load_classifier(ckpt)
+    assert adapted.choices == original.choices  # the run's own threshold and temperature, until recalibrated
+    assert not torch.equal(batch_norm_layers(adapted.net)[0].running_mean, batch_norm_layers(original.net)[0].running_mean)
+    assert "optimizer_states" not in read_checkpoint(path)  # weights to evaluate, not a run to resume
+
+
+def test_per_site_normalization_takes_the_sites_pixel_statistics(mlp_run: Path, site_data: dict[str, Path], tmp_path: Path) -> None:
+    from xray_cls.adapt import adapt
+
+    path = adapt(compose_config(tmp_path / "out", [f"ckpt={mlp_run / 'checkpoints' / 'best.ckpt'}", f"data.root={site_data['site']}",
+                                                  "method=normalization"], name="adapt"))
+    prep = read_checkpoint(path)["hyper_parameters"]["preprocessing"]
+    pixels = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted(site_data["site"].rglob("*.png"))]) / 255
+    assert prep["mean"] == pytest.approx(pixels.mean(), abs=1e-6) and prep["std"] == pytest.approx(pixels.std(), abs=1e-6)
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("no batch norm", "its MLP has no batch-norm layers, so adapt=bn cannot adapt it; expected a network with batch norm"),
+    ("empty folder", "holds no images"),
+])
+def test_adapt_refuses_in_one_line(case: str, expected: str, mlp_run: Path, tmp_path: Path, site_data: dict[str, Path]) -> None:
+    from xray_cls.adapt import adapt
+
+    root, method = site_data["site"], "bn"
+    if case == "empty folder":
+        root, method = tmp_path / "empty", "normalization"  # a method the MLP allows: the folder is what is refused
+        root.mkdir()
+        (root / ".DS_Store").write_bytes(b"\x00")
+    with pytest.raises(UserInputError, match=expected):
+        adapt(compose_config(tmp_path / "out", [f"ckpt={mlp_run / 'checkpoints' / 'best.ckpt'}", f"data.root={root}", f"method={method}"],
+                             name="adapt"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_recalibration_on_an_unbalanced_folder_uses_the_runs_rule(resnet_run: Path, site_data: dict[str, Path], tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from xray_cls.metrics import choose_threshold, fit_temperature
+    from xray_cls.recalibrate import recalibrate
+
+    few = tmp_path / "labeled"
+    for label, count in (("NORMAL", 40), ("PNEUMONIA", 12)):
+        (few / label).mkdir(parents=True)
+        for path in sorted((site_data["site"] / label).glob("*.png"))[:count]:
+            (few / label / path.name).write_bytes(path.read_bytes())
+    ckpt = resnet_run / "checkpoints" / "best.ckpt"
+    point = recalibrate(compose_config(tmp_path / "out", [f"ckpt={ckpt}", f"data.root={few}", "bootstrap.resamples=200"],
+                                       name="recalibrate"))
+    assert point["images"] == {"NORMAL": 40, "PNEUMONIA": 12} and point["rule"] == "youden"
+    assert "fewer than 30 of a class make a rough threshold" in caplog.text
+    lo, hi = point["ci"]["specificity"]
+    assert lo <= point["specificity"] <= hi
+
+    # The same choice by hand, on those images' logits: the run's rule (youden) and calibration (temperature).
+    from xray_cls.data import normalize
+    from xray_cls.predict import find_inputs, read_chunk
+
+    module = load_classifier(ckpt)
+    found = find_inputs(few)
+    _, images = read_chunk(found.images, 28, "crop", found)
+    prep = module.hparams.preprocessing
+    logits = module.predict_logits(normalize(images, prep["mean"], prep["std"]))
+    labels = torch.tensor([int("PNEUMONIA" in str(p)) for p in found.images])
+    temperature = fit_temperature(logits, labels)
+    expected = choose_threshold("youden", torch.sigmoid(logits / temperature), labels, 0.5, 0.95)
+    assert point["threshold"] == pytest.approx(expected["threshold"]) and point["temperature"] == pytest.approx(temperature)
+
+    recalibrated = read_checkpoint(tmp_path / "out" / "recalibrated.ckpt")["hyper_parameters"]
+    assert recalibrated["threshold"] == point["threshold"] and recalibrated["recalibration"]["images"] == point["images"]
+    assert recalibrated["recalibration"]["files_digest"] == files_digest(found.images)
+    assert json.loads((tmp_path / "out" / "recalibration.json").read_text())["threshold"] == point["threshold"]
+    assert load_classifier(tmp_path / "out" / "recalibrated.ckpt").choices.threshold == point["threshold"]  # predict and evaluate use it
+
+
+def test_recalibration_on_one_class_is_refused(resnet_run: Path, site_data: dict[str, Path], tmp_path: Path) -> None:
+    from xray_cls.recalibrate import recalibrate
+
+    only = tmp_path / "only_normal"
+    (only / "NORMAL").mkdir(parents=True)
+    (only / "PNEUMONIA").mkdir()
+    for path in sorted((site_data["site"] / "NORMAL").glob("*.png"))[:5]:
+        (only / "NORMAL" / path.name).write_bytes(path.read_bytes())
+    (only / "PNEUMONIA" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserInputError, match="holds no images"):
+        recalibrate(compose_config(tmp_path / "out", [f"ckpt={resnet_run / 'checkpoints' / 'best.ckpt'}", f"data.root={only}"],
+                                   name="recalibrate"))
+    from xray_cls.site import recalibrated_choices
+    from xray_cls.val_choices import ValChoices
+
+    with pytest.raises(UserInputError, match=r"the calibration images hold one class only \(NORMAL/PNEUMONIA = \[5, 0\]\)"):
+        recalibrated_choices(ValChoices(rule="youden"), torch.zeros(5), torch.zeros(5, dtype=torch.long), 0.95)
+
+
+def test_the_site_protocol_reports_the_test_part_before_and_after(resnet_run: Path, site_data: dict[str, Path], tmp_path: Path) -> None:
+    metrics = evaluate_site(resnet_run, site_data["site"], tmp_path / "eval", "site.calibration_fraction=0.2", "site.adapt=bn",
+                            "site.recalibrate=true")
+    site = metrics["site"]
+    assert site["parts"]["calibration"]["images"] + site["parts"]["test"]["images"] == 160
+    assert site["parts"]["calibration"]["per_class"] == {"NORMAL": 16, "PNEUMONIA": 16}  # 20% of each class's patients
+    assert metrics["n_test"] == site["before"]["n_test"] == site["parts"]["test"]["images"] == 128
+    assert site["before"]["test"]["accuracy"] < 0.75 < 0.9 < metrics["test"]["accuracy"]  # the shift, and its repair
+    assert site["operating_point"]["images"] == site["parts"]["calibration"]["per_class"]
+    rows = (tmp_path / "eval" / "site_parts.csv").read_text().splitlines()[1:]
+    assert sum(",calibration," in row for row in rows) == 32 and sum(",test," in row for row in rows) == 128
+    site_ckpt = read_checkpoint(tmp_path / "eval" / "site.ckpt")["hyper_parameters"]
+    assert site_ckpt["threshold"] == metrics["threshold"] and site_ckpt["site"]["calibration_images"] == {"NORMAL": 16, "PNEUMONIA": 16}
+
+
+def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshold(resnet_run: Path, site_data: dict[str, Path]) -> None:
+    from xray_cls.evaluate import evaluation_data
+    from xray_cls.site_protocol import site_model, site_parts
+
+    cfg = compose_config(Path("unused"), ["data=folder", f"data.root={site_data['site']}", "site.calibration_fraction=0.2",
+                                          "site.adapt=bn", "site.adapt_on=all", "site.recalibrate=true"], name="evaluate")
+    module = load_classifier(resnet_run / "checkpoints" / "best.ckpt")
+    datamodule = evaluation_data(cfg, module.hparams.preprocessing, "crop", "test", {})
+    split = datamodule.splits["test"]
+    calibration, test, _ = site_parts(split, 0.2, 0)
+    adapted, choices, _ = site_model(cfg, module, datamodule, split, calibration)
+    split.labels[test] = 1 - split.labels[test]  # every test-part label flipped
+    flipped, flipped_choices, _ = site_model(cfg, module, datamodule, split, calibration)
+    assert flipped_choices == choices
+    for (name, a), (_, b) in zip(adapted.state_dict().items(), flipped.state_dict().items()):
+        assert torch.equal(a, b), name

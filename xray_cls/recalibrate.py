@@ -1,0 +1,81 @@
+"""`python -m xray_cls.recalibrate ckpt=... data.root=<labeled site images>`: a model's choices made again at another site.
+
+The checkpoint's temperature (when its run fitted one) and threshold are chosen again, by its own
+threshold rule, on a small labeled folder of the site (its `NORMAL/` and `PNEUMONIA/` folders, or
+its `test/`), and written to `recalibrated.ckpt` in the output folder
+(`outputs/recalibrate/<date>/<time>/`), with its provenance. `recalibration.json` and the console
+give the new operating point on those images, with bootstrap intervals and the images per class
+it was chosen on. Keep the images you then judge the model on apart from these: evaluate's
+site protocol (`site.calibration_fraction=`) does both in one command.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
+from xray_cls.cli import exit_on_user_error, quiet_libraries, require
+from xray_cls.config import CONFIG_DIR, check_options
+
+log = logging.getLogger(__name__)
+
+
+def recalibrate(cfg: DictConfig) -> dict[str, Any]:
+    """Recalibrate `cfg.ckpt` on the labeled images of `cfg.data`; returns the new operating point."""
+    from xray_cls.checkpoint import load_classifier, read_checkpoint, write_checkpoint
+    from xray_cls.data import trained_geometry
+    from xray_cls.evaluate import evaluation_data
+    from xray_cls.files import write_json
+    from xray_cls.run_folder import taken
+    from xray_cls.site import checkpoint_with, files_digest, operating_point, recalibrated_choices
+    from xray_cls.val_choices import val_predictions
+
+    check_options(cfg, "recalibrate")
+    quiet_libraries()
+    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
+    out_dir = Path(cfg.paths.output_dir)
+    with taken(out_dir, ["recalibrated.ckpt"], "a recalibrated checkpoint"):
+        module = load_classifier(cfg.ckpt)
+        prep = module.hparams.preprocessing
+        datamodule = evaluation_data(cfg, prep, trained_geometry(prep, cfg.ckpt), "test", {})
+        logits, labels = val_predictions(module, datamodule, "test")
+        previous = module.choices
+        module.apply_choices(recalibrated_choices(previous, logits, labels, cfg.target_sensitivity))
+        point = operating_point(module.choices, logits, labels, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed)
+        paths = datamodule.splits["test"].paths or []
+        record = {"source": str(cfg.ckpt), "images": point["images"], "files_digest": files_digest(paths),
+                  "folder": str(cfg.data.get("root") or cfg.data.get("path")), "previous": previous.rule_record(),
+                  "previous_temperature": previous.temperature}
+        write_checkpoint(out_dir / "recalibrated.ckpt", checkpoint_with(read_checkpoint(cfg.ckpt), module, "recalibration", record))
+        write_json(out_dir / "recalibration.json", {**point, "previous": record["previous"], "checkpoint": "recalibrated.ckpt"})
+    print(point_table(point, previous, out_dir / "recalibrated.ckpt"), flush=True)
+    return point
+
+
+def point_table(point: dict[str, Any], previous: Any, path: Path) -> str:
+    ci = point.get("ci", {})
+
+    def interval(name: str) -> str:
+        return f"  ({100 * ci['confidence']:.0f}% CI {ci[name][0]:.4f}-{ci[name][1]:.4f})" if name in ci else ""
+
+    return "\n".join([
+        f"Recalibrated on {point['images']['NORMAL']} NORMAL and {point['images']['PNEUMONIA']} PNEUMONIA images ({point['rule']} rule): {path}",
+        f"  {'threshold':<22}{point['threshold']:.4f}  (was {previous.threshold:.4f})",
+        f"  {'temperature':<22}{point['temperature']:.4f}  (was {previous.temperature:.4f})",
+        f"  {'sensitivity':<22}{point['sensitivity']:.4f}{interval('sensitivity')}",
+        f"  {'specificity':<22}{point['specificity']:.4f}{interval('specificity')}",
+    ])
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="recalibrate")
+def main(cfg: DictConfig) -> Any:
+    exit_on_user_error(lambda: recalibrate(cfg))
+
+
+if __name__ == "__main__":
+    main()
