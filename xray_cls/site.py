@@ -133,29 +133,31 @@ def in_batches(images: Tensor, size: int = ADAPT_BATCH) -> Iterable[Tensor]:
     return (images[i : i + size] for i in range(0, len(images), size))
 
 
-def recalibrated_choices(choices: ValChoices, logits: Tensor, labels: Tensor, target_sensitivity: float) -> ValChoices:
+def recalibrated_choices(choices: ValChoices, logits: Tensor, labels: Tensor, target_sensitivity: float,
+                         names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> ValChoices:
     """The temperature (when `choices` have one) and the threshold by `choices`' own rule, chosen on
     the site's labeled images alone; a class with few images gets a warning."""
     counts = torch.bincount(labels, minlength=2).tolist()
     if min(counts) == 0:
         raise UserInputError(
-            f"the calibration images hold one class only (NORMAL/PNEUMONIA = {counts}); expected images of both classes"
+            f"the calibration images hold one class only ({'/'.join(names)} = {counts}); expected images of both classes"
         )
     if min(counts) < MIN_IMAGES_PER_CLASS:
-        log.warning("recalibrating on %s NORMAL/PNEUMONIA images: fewer than %d of a class make a rough threshold",
-                    counts, MIN_IMAGES_PER_CLASS)
+        log.warning("recalibrating on %s %s images: fewer than %d of a class make a rough threshold",
+                    counts, "/".join(names), MIN_IMAGES_PER_CLASS)
     target = choices.target_sensitivity or target_sensitivity
     return choose_on_val(logits, labels, choices.calibration, choices.rule, choices.threshold, target, on="site calibration")
 
 
-def operating_point(choices: ValChoices, logits: Tensor, labels: Tensor, resamples: int, confidence: float, seed: int) -> dict[str, Any]:
+def operating_point(choices: ValChoices, logits: Tensor, labels: Tensor, resamples: int, confidence: float, seed: int,
+                    names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> dict[str, Any]:
     """The new operating point on the images it was chosen on: per-class counts, sensitivity and
     specificity at the threshold, with bootstrap intervals."""
     from xray_cls.metrics import bootstrap_intervals
 
     probs = torch.sigmoid(logits.double() / choices.temperature)
     point = {
-        "images": dict(zip(("NORMAL", "PNEUMONIA"), torch.bincount(labels, minlength=2).tolist())),
+        "images": dict(zip(names, torch.bincount(labels, minlength=2).tolist())),
         "threshold": choices.threshold,
         "temperature": choices.temperature,
         "rule": choices.rule,
