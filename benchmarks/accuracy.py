@@ -8,6 +8,7 @@ with --folder, `+experiment=best_folder` on a Kermany/Kaggle image folder.
     python benchmarks/accuracy.py --calibration temperature   # temperature scaling fitted on val
     python benchmarks/accuracy.py --folder PATH [--heldout TEST_PATH]
     python benchmarks/accuracy.py --folder PATH --site SITE [--site-fractions 0.05,0.1,0.2]
+    python benchmarks/accuracy.py --folder PATH --task bacterial_viral   # +experiment=best_bacterial_viral
 
 Everything about a run is chosen on the validation split (checkpoint, temperature, threshold);
 each run's test split is evaluated once, after training, and only reported here. In folder mode
@@ -116,6 +117,8 @@ def summarize(name: str, results: list[dict[str, Any]]) -> dict[str, float]:
         "ece": statistics.mean(c["test_ece"] for c in calibration),
         "ece_uncalibrated": statistics.mean(c.get("test_ece_uncalibrated", c["test_ece"]) for c in calibration),
         "acc": means["accuracy"],
+        "sens": means["recall"],
+        "spec": means["specificity"],
         "auroc": means["auroc"],
         "acc_std": stds["accuracy"],
         "minutes": statistics.median(r["train_seconds"] / 60 for r in results),
@@ -133,6 +136,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=Path, help="with --folder: a folder of test images to evaluate each run on once")
     parser.add_argument("--site", help="with --folder: another site's labeled folder, or `bundled` (PneumoniaMNIST's test split)")
     parser.add_argument("--site-fractions", default="0.2", help="calibration fractions of the site (default 0.2)")
+    parser.add_argument("--task", choices=sorted(RECIPES), default="pneumonia",
+                        help="with --folder: the task, trained with its recipe (default pneumonia: +experiment=best_folder)")
     args = parser.parse_args()
     seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     quick = ["trainer.max_epochs=1", "trainer.limit_train_batches=10"] if args.quick else []
@@ -143,7 +148,7 @@ def main() -> None:
         fractions = [float(f) for f in args.site_fractions.split(",")]
         with tempfile.TemporaryDirectory() if args.site == "bundled" else nullcontext() as written:
             site = write_bundled_test(Path(written)) if args.site == "bundled" else (Path(args.site) if args.site else None)
-            folder_main(args.folder, args.heldout, seeds, [*calibrated, *common], args.calibration, site, fractions)
+            folder_main(args.folder, args.heldout, seeds, [*calibrated, *common], args.calibration, site, fractions, args.task)
         return
     best = summarize("+experiment=best", [run(["+experiment=best", *calibrated, *common], s) for s in seeds])
     baseline = summarize("the study's default CNN", [run(common, s) for s in seeds])
@@ -155,14 +160,19 @@ def main() -> None:
     )
 
 
+RECIPES = {"pneumonia": "best_folder", "bacterial_viral": "best_bacterial_viral"}  # --task: its folder recipe
+
+
 def folder_main(root: Path, heldout: Path | None, seeds: list[int], overrides: list[str], calibration: str,
-                site: Path | None = None, fractions: list[float] | None = None) -> None:
-    recipe = ["+experiment=best_folder", f"data.root={root}", *overrides]
+                site: Path | None = None, fractions: list[float] | None = None, task: str = "pneumonia") -> None:
+    recipe = [f"+experiment={RECIPES[task]}", f"data.root={root}", *overrides]
     results = [run(recipe, s, heldout, site, fractions) for s in seeds]
-    best = summarize(f"+experiment=best_folder on {root}", results)
+    names = results[0]["class_names"]
+    best = summarize(f"+experiment={RECIPES[task]} on {root} (sens: {names[1]} recall, spec: {names[0]} recall)", results)
     held = f" heldout_acc={best['heldout_acc']:.4f} heldout_auroc={best['heldout_auroc']:.4f}" if heldout else ""
     print(
-        f"RESULT folder_acc={best['acc']:.4f} folder_auroc={best['auroc']:.4f} folder_acc_std={best['acc_std']:.4f}{held} "
+        f"RESULT folder_acc={best['acc']:.4f} folder_auroc={best['auroc']:.4f} folder_acc_std={best['acc_std']:.4f} "
+        f"folder_sens={best['sens']:.4f} folder_spec={best['spec']:.4f}{held} "
         f"seeds={len(seeds)} minutes_per_run={best['minutes']:.2f} ece={best['ece']:.4f}"
         + (f" ece_uncalibrated={best['ece_uncalibrated']:.4f}" if calibration == "temperature" else "")
     )

@@ -100,6 +100,35 @@ def make_kermany_folder(root: Path, layout: list[tuple[str, str, int]] = FOLDER_
     return root
 
 
+# The patients of each split; patient % 3 says bacteria, virus or normal. BACTERIAL images are
+# bright and VIRAL ones dark, so that a model can tell them apart.
+PATIENTS = {"train": range(1, 25), "test": range(100, 110)}
+
+
+def write_kermany_named_folder(root: Path, extra: tuple[str, ...] = ()) -> dict[str, dict[str, int]]:
+    """root/{train,test}/{NORMAL,PNEUMONIA}/ named as Kermany names them, two images a patient;
+    returns the image count per split and class."""
+    counts: dict[str, dict[str, int]] = {}
+    index = 0
+    for split, patients in PATIENTS.items():
+        counts[split] = {"NORMAL": 0, "BACTERIAL": 0, "VIRAL": 0}
+        for patient in patients:
+            kind = ("bacteria", "virus", "normal")[patient % 3]
+            for scan in range(2):
+                index += 1
+                if kind == "normal":
+                    path = root / split / "NORMAL" / f"IM-{patient:04d}-{scan:04d}"
+                    counts[split]["NORMAL"] += 1
+                else:
+                    path = root / split / "PNEUMONIA" / f"person{patient}_{kind}_{index}"
+                    counts[split]["BACTERIAL" if kind == "bacteria" else "VIRAL"] += 1
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_image(path, int(kind == "bacteria"), index)
+    for name in extra:
+        write_image(root / "train" / "PNEUMONIA" / name, 1, 7)
+    return counts
+
+
 def image_count(layout: list[tuple[str, str, int]], split: str) -> int:
     return sum(n for s, _, n in layout if s == split)
 

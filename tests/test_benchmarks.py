@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_kermany_named_folder
+
 pytestmark = pytest.mark.slow  # runs the benchmarks' quick modes
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -62,10 +64,20 @@ SITE_KEYS = ["site_fraction"] + [f"{variant}_{score}{worst}" for variant in ("as
 def test_accuracy_benchmark_folder_mode(kermany_root: Path, tmp_path: Path) -> None:
     """+experiment=best_folder on a folder, each run also evaluated once on a held-out folder, and
     taken to another site four ways (the site here: the folder's own test images)."""
-    keys = ["folder_acc", "folder_auroc", "folder_acc_std", "heldout_acc", "heldout_auroc", "seeds", "minutes_per_run", "ece"]
+    keys = ["folder_acc", "folder_auroc", "folder_acc_std", "folder_sens", "folder_spec", "heldout_acc", "heldout_auroc", "seeds", "minutes_per_run", "ece"]
     values, site = quick_results("accuracy.py", [keys, SITE_KEYS], tmp_path, "--folder", str(kermany_root),
                                  "--heldout", str(kermany_root / "test"), "--site", str(kermany_root / "test"), "--site-fractions", "0.5")
     assert values["seeds"] == "1"
     assert 0 < float(values["folder_acc"]) <= 1 and 0 < float(values["heldout_auroc"]) <= 1
     assert site["site_fraction"] == "0.5" and all(0 <= float(v) <= 1 for v in site.values())
     assert site["as_is_acc"] == site["as_is_acc_worst"]  # one seed: its mean is its worst
+
+
+def test_accuracy_benchmark_bacterial_viral_mode(tmp_path: Path) -> None:
+    """--task bacterial_viral trains +experiment=best_bacterial_viral on a Kermany-named folder."""
+    root = tmp_path / "kermany"
+    write_kermany_named_folder(root)
+    keys = ["folder_acc", "folder_auroc", "folder_acc_std", "folder_sens", "folder_spec", "seeds", "minutes_per_run", "ece"]
+    values = quick_result("accuracy.py", keys, tmp_path, "--folder", str(root), "--task", "bacterial_viral")
+    assert values["seeds"] == "1"
+    assert 0 < float(values["folder_acc"]) <= 1 and 0 <= float(values["folder_auroc"]) <= 1

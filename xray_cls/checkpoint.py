@@ -91,7 +91,7 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
         return f"pos_weight is {_kind(hparams['pos_weight'])}, not a number or None"
     for group in ("preprocessing", "threshold_rule"):
         for key, value in (hparams.get(group) or {}).items():
-            if not _is_plain(value, lists=True):
+            if not _is_plain(value, lists=True) and (group, key) != ("preprocessing", "task"):  # the task: task_problem
                 return f"{group}.{key} is {_kind(value)}, not a number, string or a list of those"
     from xray_cls.config import CALIBRATIONS
 
@@ -126,6 +126,27 @@ def preprocessing_problem(prep: dict[str, Any]) -> str | None:
     names = prep.get("class_names")
     if type(names) is not list or len(names) != 2 or not all(type(n) is str and 0 < len(n) <= 100 for n in names):
         return "preprocessing.class_names is not a list of 2 class names"
+    return task_problem(prep.get("task"), names)
+
+
+def task_problem(record: Any, class_names: list[str]) -> str | None:
+    """What is wrong with a checkpoint's task record (None: a checkpoint from before tasks, pneumonia)."""
+    from xray_cls.task import PNEUMONIA, make_task
+
+    if record is None:
+        return None if class_names == list(PNEUMONIA.classes) else "preprocessing has no task for its class_names"
+    kinds = {"name": str, "classes": list, "folders": list, "file_name_words": dict, "unknown": str}
+    if type(record) is not dict or set(record) != set(kinds) or any(type(record[k]) is not t for k, t in kinds.items()):
+        return "preprocessing.task is not a task record (name, classes, folders, file_name_words, unknown)"
+    words = record["file_name_words"]
+    if len(words) > 16 or not all(type(k) is str and type(v) is str for k, v in words.items()):
+        return "preprocessing.task.file_name_words is not a mapping of class names to words"
+    try:
+        task = make_task(record, source="preprocessing.task")
+    except UserInputError as err:
+        return str(err)
+    if list(task.classes) != class_names:
+        return f"preprocessing.task names the classes {list(task.classes)}, its class_names {class_names}"
     return None
 
 
@@ -152,8 +173,13 @@ def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
     hparams = checkpoint["hyper_parameters"]
     check_state_dict(hparams["net"], checkpoint["state_dict"], f"{option}={path}")
     trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule", "temperature", "calibration")  # never optimizer or scheduler
+    kept = {key: hparams[key] for key in trusted if key in hparams}
+    if "preprocessing" in kept and kept["preprocessing"].get("task") is None:  # written before tasks: pneumonia
+        from xray_cls.task import PNEUMONIA
+
+        kept["preprocessing"] = {**kept["preprocessing"], "task": PNEUMONIA.record()}
     try:
-        module = XrayClassifier(**{key: hparams[key] for key in trusted if key in hparams})
+        module = XrayClassifier(**kept)
         module.load_state_dict(checkpoint["state_dict"])
     except (TypeError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0]

@@ -191,6 +191,10 @@ def check_options(cfg: DictConfig, command: str) -> None:
         value = OmegaConf.select(cfg, option.key, default=_ABSENT)  # also for a value still ??? (required)
         if value is not _ABSENT:
             option.check(option.key, value)
+    if command == "train":
+        from xray_cls.task import task_of_run
+
+        task_of_run(cfg.task, cfg.data)
 
 
 _ABSENT = object()

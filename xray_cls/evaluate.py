@@ -90,7 +90,8 @@ def evaluation_data(cfg: DictConfig, preprocessing: dict[str, Any], geometry: st
 
     from xray_cls.data import Evaluation
 
-    datamodule = instantiate(cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], geometry=geometry, aug="none")
+    datamodule = instantiate(cfg.data, seed=cfg.seed, image_size=preprocessing["image_size"], geometry=geometry, aug="none",
+                             task=preprocessing.get("task"), **({"classes": None} if "classes" in cfg.data else {}))
     datamodule.setup_evaluation(Evaluation(split, preprocessing, recorded))
     return datamodule
 

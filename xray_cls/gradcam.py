@@ -80,11 +80,10 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> PILImage.
     return Image.fromarray((base * (1 - alpha) + heat * alpha).round().astype(np.uint8), "RGB")
 
 
-def sample_figure(images: Tensor, cams: Tensor, probs: Tensor, labels: Tensor, threshold: float) -> Figure:
+def sample_figure(images: Tensor, cams: Tensor, probs: Tensor, labels: Tensor, threshold: float,
+                  names: tuple[str, ...] | list[str] = ("NORMAL", "PNEUMONIA")) -> Figure:
     """Overlays of a sample of test images in a grid, each titled with its true class and probability."""
     from matplotlib.figure import Figure
-
-    from xray_cls.data import CLASS_NAMES
 
     columns = min(4, len(images))
     rows = -(-len(images) // columns)
@@ -94,8 +93,8 @@ def sample_figure(images: Tensor, cams: Tensor, probs: Tensor, labels: Tensor, t
         if i >= len(images):
             continue
         ax.imshow(overlay(images[i, 0].numpy(), cams[i].numpy()))
-        called = CLASS_NAMES[int(probs[i] > threshold)]
-        ax.set_title(f"true {CLASS_NAMES[int(labels[i])]}\ncalled {called} (p={probs[i]:.2f})", fontsize=8)
+        called = names[int(probs[i] > threshold)]
+        ax.set_title(f"true {names[int(labels[i])]}\ncalled {called} (p={probs[i]:.2f})", fontsize=8)
     fig.suptitle("Grad-CAM, last convolution layer (test sample)", fontsize=9)
     return fig
 
@@ -112,4 +111,5 @@ def gradcam_sample_figure(module: Any, datamodule: Any, samples: int, seed: int)
     x = datamodule.preprocess(images.to(module.device))
     cams = grad_cam(module.net, x).cpu()
     probs = module.predict_probabilities(x).cpu()
-    return {"gradcam": sample_figure(images, cams, probs, labels, module.threshold)}
+    names = module.hparams.preprocessing["class_names"]
+    return {"gradcam": sample_figure(images, cams, probs, labels, module.threshold, names)}

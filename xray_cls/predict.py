@@ -4,7 +4,8 @@
 their threshold is `threshold=` (the one `evaluate` chose on val for the same average), else the
 first checkpoint's, with a warning.
 
-Writes predictions.csv (path, probability of PNEUMONIA, label at the run's threshold) to its
+Writes predictions.csv (path, probability of the positive class, `probability_pneumonia` for
+task=pneumonia, the label at the run's threshold) to its
 output folder (`outputs/predict/<date>/<time>/`), and with gradcam=true one overlay PNG per image
 under gradcam/, mirroring the input folder. A folder is searched recursively; files that are not
 images are skipped and counted. Unreadable images are named in the log, one line each; the others
@@ -14,6 +15,7 @@ are predicted and written, and then the command fails (exit status 2), so that a
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,13 @@ from xray_cls.files import atomic_write, path_text, write_csv
 log = logging.getLogger(__name__)
 
 # gradcam: the overlay's path relative to the CSV's folder, so that the folder can be moved whole.
-CSV_COLUMNS = ["path", "probability_pneumonia", "predicted_label", "threshold", "gradcam"]
+def csv_columns(names: list[str]) -> list[str]:
+    return ["path", probability_column(names), "predicted_label", "threshold", "gradcam"]
+
+
+def probability_column(names: list[str]) -> str:
+    """probability_<the positive class>, in lower case and word characters: probability_pneumonia."""
+    return "probability_" + re.sub(r"\W+", "_", names[-1].lower()).strip("_")
 OVERLAY_SIDE = (224, 512)  # overlays are drawn with the longer side in this range
 PREDICT_BATCH_BYTES = 2**28
 
@@ -113,7 +121,7 @@ def predict(cfg: DictConfig) -> Path:
         input_path = Path(cfg.input).expanduser()
         found = find_inputs(input_path)
         rows = predicted_rows(cfg, module, threshold, found, input_path, out_dir)
-        return write_predictions(cfg, rows, found, input_path, out_dir, threshold)
+        return write_predictions(cfg, rows, found, input_path, out_dir, threshold, module.hparams.preprocessing["class_names"])
 
 
 def predicting_model(cfg: DictConfig) -> tuple[Any, float]:
@@ -142,10 +150,11 @@ def predicting_model(cfg: DictConfig) -> tuple[Any, float]:
 
 def predicted_rows(cfg: DictConfig, module: Any, threshold: float, found: InputFiles, input_path: Path, out_dir: Path) -> list[dict[str, Any]]:
     """One CSV row per readable image, read and predicted a batch at a time (with its overlay for gradcam=true)."""
-    from xray_cls.data import CLASS_NAMES, normalize, trained_geometry
+    from xray_cls.data import normalize, trained_geometry
     from xray_cls.gradcam import grad_cam
 
     prep = module.hparams.preprocessing
+    names, column = prep["class_names"], probability_column(prep["class_names"])
     geometry = trained_geometry(prep, cfg.ckpt)
     root = input_path if input_path.is_dir() else input_path.parent
     # At most about PREDICT_BATCH_BYTES of float pixels at a time, whatever the image size.
@@ -165,8 +174,8 @@ def predicted_rows(cfg: DictConfig, module: Any, threshold: float, found: InputF
                 save_overlay(path, cams[i], geometry, overlay_path)
             rows.append({
                 "path": path_text(path),
-                "probability_pneumonia": f"{prob:.6f}",
-                "predicted_label": CLASS_NAMES[int(prob > threshold)],
+                column: f"{prob:.6f}",
+                "predicted_label": names[int(prob > threshold)],
                 "threshold": f"{threshold:.6f}",
                 "gradcam": path_text(overlay_path.relative_to(out_dir)) if overlay_path else "",  # beside the CSV
             })
@@ -174,11 +183,9 @@ def predicted_rows(cfg: DictConfig, module: Any, threshold: float, found: InputF
 
 
 def write_predictions(cfg: DictConfig, rows: list[dict[str, Any]], found: InputFiles, input_path: Path, out_dir: Path,
-                      threshold: float) -> Path:
+                      threshold: float, names: list[str]) -> Path:
     """predictions.csv and the summary; then the command fails when some images could not be read
     (their results are written first)."""
-    from xray_cls.data import CLASS_NAMES
-
     for _, reason in found.unreadable:
         log.warning("skipped: %s", reason)
     if not rows:
@@ -186,10 +193,10 @@ def write_predictions(cfg: DictConfig, rows: list[dict[str, Any]], found: InputF
             raise UserInputError(f"input={found.unreadable[0][1]}")
         raise UserInputError(f"input={input_path}: none of its {len(found.images)} image file(s) could be read")
     csv_path = out_dir / "predictions.csv"
-    write_csv(csv_path, rows, CSV_COLUMNS)
-    called = sum(r["predicted_label"] == CLASS_NAMES[1] for r in rows)
+    write_csv(csv_path, rows, csv_columns(names))
+    called = sum(r["predicted_label"] == names[-1] for r in rows)
     print(
-        f"predicted {len(rows)} image(s), {called} called {CLASS_NAMES[1]} at threshold {threshold:.4f}: {csv_path}\n"
+        f"predicted {len(rows)} image(s), {called} called {names[-1]} at threshold {threshold:.4f}: {csv_path}\n"
         f"skipped {found.not_images} file(s) that are not images and {len(found.unreadable)} unreadable image(s)"
         + (f"; Grad-CAM overlays in {out_dir / 'gradcam'}" if cfg.gradcam else ""),
         flush=True,

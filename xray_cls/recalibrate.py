@@ -45,8 +45,9 @@ def recalibrate(cfg: DictConfig) -> dict[str, Any]:
         datamodule = evaluation_data(cfg, prep, trained_geometry(prep, cfg.ckpt), "test", {})
         logits, labels = val_predictions(module, datamodule, "test")
         previous = module.choices
-        module.apply_choices(recalibrated_choices(previous, logits, labels, cfg.target_sensitivity))
-        point = operating_point(module.choices, logits, labels, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed)
+        names = prep["class_names"]
+        module.apply_choices(recalibrated_choices(previous, logits, labels, cfg.target_sensitivity, names))
+        point = operating_point(module.choices, logits, labels, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed, names)
         paths = datamodule.splits["test"].paths or []
         record = {"source": str(cfg.ckpt), "images": point["images"], "files_digest": files_digest(paths),
                   "folder": str(cfg.data.get("root") or cfg.data.get("path")), "previous": previous.rule_record(),
@@ -64,7 +65,7 @@ def point_table(point: dict[str, Any], previous: Any, path: Path) -> str:
         return f"  ({100 * ci['confidence']:.0f}% CI {ci[name][0]:.4f}-{ci[name][1]:.4f})" if name in ci else ""
 
     return "\n".join([
-        f"Recalibrated on {point['images']['NORMAL']} NORMAL and {point['images']['PNEUMONIA']} PNEUMONIA images ({point['rule']} rule): {path}",
+        f"Recalibrated on {' and '.join(f'{n} {c}' for c, n in point['images'].items())} images ({point['rule']} rule): {path}",
         f"  {'threshold':<22}{point['threshold']:.4f}  (was {previous.threshold:.4f})",
         f"  {'temperature':<22}{point['temperature']:.4f}  (was {previous.temperature:.4f})",
         f"  {'sensitivity':<22}{point['sensitivity']:.4f}{interval('sensitivity')}",

@@ -74,18 +74,23 @@ class _Summarized(L.LightningModule):
         return self.net(images)
 
 
-def evaluation_metrics(results: dict[str, Any], choices: ValChoices, resamples: int, confidence: float, seed: int) -> dict[str, Any]:
+def class_names(module: Any) -> list[str]:
+    """The classes a model tells apart, in label order, as its checkpoint's preprocessing records them."""
+    return list(module.hparams.preprocessing["class_names"])
+
+
+def evaluation_metrics(results: dict[str, Any], choices: ValChoices, resamples: int, confidence: float, seed: int,
+                       names: list[str]) -> dict[str, Any]:
     """The test part of metrics.json (a run's and `evaluate`'s): matrix, scores and their intervals
     (none with resamples=0, as debug=fast sets)."""
     from xray_cls.config import check_number
-    from xray_cls.data import CLASS_NAMES
     from xray_cls.metrics import bootstrap_intervals
 
     check_number("bootstrap.resamples", resamples, 0, integer=True, expected="0 (no intervals) or a positive integer")
     matrix = results["confusion_matrix"]
     metrics = {
-        "class_names": list(CLASS_NAMES),
-        "positive_class": CLASS_NAMES[1],
+        "class_names": names,
+        "positive_class": names[-1],
         "threshold": choices.threshold,
         "threshold_rule": choices.rule_record(),
         "n_test": sum(map(sum, matrix)),
@@ -164,8 +169,8 @@ def curve_figure(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, tit
     return fig
 
 
-def reliability_figure(calibration: dict[str, Any]) -> Figure:
-    """Fraction of PNEUMONIA images against the mean probability, per bin, for test (and val)."""
+def reliability_figure(calibration: dict[str, Any], positive: str = "PNEUMONIA") -> Figure:
+    """Fraction of positive (PNEUMONIA) images against the mean probability, per bin, for test (and val)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.4, 4.4), layout="constrained")
@@ -176,8 +181,8 @@ def reliability_figure(calibration: dict[str, Any]) -> Figure:
         ax.plot(*zip(*points), marker="o", label=f"{name} (ECE {calibration[f'{name}_ece']:.3f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("mean predicted probability of PNEUMONIA")
-    ax.set_ylabel("fraction PNEUMONIA")
+    ax.set_xlabel(f"mean predicted probability of {positive}")
+    ax.set_ylabel(f"fraction {positive}")
     temperature = calibration["temperature"]
     ax.set_title(f"reliability, {calibration['bins']} bins" + (f", temperature {temperature:.3f}" if temperature != 1 else ""))
     ax.grid(alpha=0.3)
@@ -277,7 +282,7 @@ def tested(trainer: Any, module: Any, datamodule: Any, choices: ValChoices, cfg:
     """(the test results, metrics.json's test part and calibration) of `module` on the datamodule's test split."""
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = module.test_results
-    metrics = evaluation_metrics(results, choices, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed)
+    metrics = evaluation_metrics(results, choices, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed, class_names(module))
     return results, {**metrics, "calibration": calibration_metrics(results, module.temperature, val)}
 
 
@@ -289,7 +294,7 @@ def write_report(trainer: Any, module: Any, datamodule: Any, results: dict[str, 
     from xray_cls.loggers import log_figures, log_results
 
     figures = make_test_figures(results, metrics["class_names"])
-    figures["reliability_diagram"] = reliability_figure(metrics["calibration"])
+    figures["reliability_diagram"] = reliability_figure(metrics["calibration"], metrics["positive_class"])
     if gradcam and cfg.gradcam_samples > 0:
         figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
     save_figures(figures, out_dir / "figures")

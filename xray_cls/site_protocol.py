@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,7 +41,8 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
     from xray_cls.site import checkpoint_with
 
     split = datamodule.splits["test"]
-    calibration, test, parts = site_parts(split, cfg.site.calibration_fraction, cfg.site.seed)
+    names = module.hparams.preprocessing["class_names"]
+    calibration, test, parts = site_parts(split, cfg.site.calibration_fraction, cfg.site.seed, names)
     if cfg.site.adapt != "none":
         check_adaptable(module.net, cfg.site.adapt, f"ckpt={ckpt}")
     adapted, choices, adapted_on = site_model(cfg, module, datamodule, split, calibration)
@@ -59,7 +61,7 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
         "site": {**record, "parts": parts, "before": {k: before[k] for k in ("threshold", "threshold_rule", "n_test", "confusion_matrix", "test")},
                  "operating_point": site_operating_point(cfg, adapted, datamodule, split, calibration, choices)},
     }
-    write_csv(out_dir / "site_parts.csv", part_rows(split, calibration), ["path", "part", "label"])
+    write_csv(out_dir / "site_parts.csv", part_rows(split, calibration, names), ["path", "part", "label"])
     write_report(trainer, adapted, after_data, results, metrics, cfg, out_dir, [TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")],
                  f"Site test part, adapted ({cfg.site.adapt}) and {'recalibrated' if cfg.site.recalibrate else 'not recalibrated'}",
                  gradcam=False, extra_lines="\n" + side_by_side(before, after, parts))
@@ -70,7 +72,8 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
     return metrics
 
 
-def site_parts(split: Any, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def site_parts(split: Any, fraction: float, seed: int, names: Sequence[str] = ("NORMAL", "PNEUMONIA")
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(calibration indices, test indices, their sizes): the site's images split by patient."""
     from xray_cls.data import patient_split
     from xray_cls.data.folder import patient_groups
@@ -80,7 +83,7 @@ def site_parts(split: Any, fraction: float, seed: int) -> tuple[torch.Tensor, to
 
     def size(index: torch.Tensor) -> dict[str, Any]:
         return {"images": len(index), "patients": len({patients[i] for i in index.tolist()}),
-                "per_class": dict(zip(("NORMAL", "PNEUMONIA"), torch.bincount(split.labels.cpu()[index], minlength=2).tolist()))}
+                "per_class": dict(zip(names, torch.bincount(split.labels.cpu()[index], minlength=2).tolist()))}
 
     parts = {"calibration": size(calibration), "test": size(test), "fraction": fraction, "seed": seed}
     log.info("site: %s for calibration, %s for test", parts["calibration"], parts["test"])
@@ -97,7 +100,7 @@ def site_model(cfg: DictConfig, module: Any, datamodule: Any, split: Any, calibr
     choices = adapted.choices
     if cfg.site.recalibrate:
         logits, labels = part_logits(adapted, datamodule, split, calibration)
-        choices = recalibrated_choices(choices, logits, labels, cfg.target_sensitivity)
+        choices = recalibrated_choices(choices, logits, labels, cfg.target_sensitivity, module.hparams.preprocessing["class_names"])
     adapted = adapted if adapted is not module else copy.deepcopy(module)
     adapted.apply_choices(choices)
     return adapted, choices, adapted_on
@@ -112,7 +115,8 @@ def part_logits(module: Any, datamodule: Any, split: Any, index: torch.Tensor) -
 def site_operating_point(cfg: DictConfig, adapted: Any, datamodule: Any, split: Any, calibration: torch.Tensor,
                          choices: ValChoices) -> dict[str, Any]:
     logits, labels = part_logits(adapted, datamodule, split, calibration)
-    return operating_point(choices, logits, labels, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed)
+    return operating_point(choices, logits, labels, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed,
+                           adapted.hparams.preprocessing["class_names"])
 
 
 def part(datamodule: Any, split: Any, index: torch.Tensor, module: Any) -> Any:
@@ -123,11 +127,11 @@ def part(datamodule: Any, split: Any, index: torch.Tensor, module: Any) -> Any:
     return served
 
 
-def part_rows(split: Any, calibration: torch.Tensor) -> list[dict[str, Any]]:
+def part_rows(split: Any, calibration: torch.Tensor, class_names: Sequence[str]) -> list[dict[str, Any]]:
     in_calibration = set(calibration.tolist())
     names = [path_text(p) for p in split.paths] if split.paths else [f"images[{i}]" for i in range(len(split))]
     labels = split.labels.tolist()
-    return [{"path": names[i], "part": "calibration" if i in in_calibration else "test", "label": ("NORMAL", "PNEUMONIA")[labels[i]]}
+    return [{"path": names[i], "part": "calibration" if i in in_calibration else "test", "label": class_names[labels[i]]}
             for i in range(len(split))]
 
 
@@ -136,7 +140,7 @@ def side_by_side(before: dict[str, Any], after: dict[str, Any], parts: dict[str,
     lines = [
         f"Site test part before / after ({parts['test']['images']} images of {parts['test']['patients']} patients; "
         f"calibration part {parts['calibration']['images']} images of {parts['calibration']['patients']} patients, "
-        f"NORMAL/PNEUMONIA {parts['calibration']['per_class']['NORMAL']}/{parts['calibration']['per_class']['PNEUMONIA']}):",
+        f"{'/'.join(parts['calibration']['per_class'])} {'/'.join(map(str, parts['calibration']['per_class'].values()))}):",
         f"  {'threshold':<22}{before['threshold']:.4f} / {after['threshold']:.4f}",
         *(f"  {name:<22}{before['test'][name]:.4f} / {after['test'][name]:.4f}" for name in COMPARED),
     ]

@@ -118,7 +118,7 @@ def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
     from xray_cls.run_report import network_summary
 
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, seed=cfg.seed)
+    datamodule = instantiate(cfg.data, seed=cfg.seed, task=cfg.task)
     datamodule.setup("fit")
     if rank_zero_only.rank == 0 and not (folder.path / "splits.csv").exists():  # a resumed run keeps its own
         write_csv(folder.path / "splits.csv", datamodule.split_rows(), SPLITS_COLUMNS)

@@ -11,7 +11,7 @@ ops per batch instead of a PIL pipeline per image.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,12 @@ from xray_cls.data.augment import BatchAugment, augment_preset, check_mixup, mix
 from xray_cls.data.images import check_geometry
 from xray_cls.config import MAX_IMAGE_SIZE, SPLITS, check_choice, check_number
 from xray_cls.errors import UserInputError
+from xray_cls.task import PNEUMONIA, make_task
 
 log = logging.getLogger(__name__)
 
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0 and 1, as in MedMNIST
+CLASS_NAMES = PNEUMONIA.classes  # task=pneumonia's: label 0 and 1, as in MedMNIST
 
 
 
@@ -77,8 +78,8 @@ class Split:
         rows = index if self.rows is None else self.rows[index]
         return Split(self.source, self.labels[index], paths, rows)
 
-    def class_counts(self) -> list[int]:
-        return torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
+    def class_counts(self, n_classes: int = 2) -> list[int]:
+        return torch.bincount(self.labels, minlength=n_classes).tolist()
 
 
 class SplitDataset(Dataset):
@@ -173,8 +174,10 @@ class XrayDataModule(L.LightningDataModule):
         on_device: bool = True,
         seed: int = 0,
         geometry: str = "crop",
+        task: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.task = make_task(task)
         check_number("data.image_size", image_size, 1, MAX_IMAGE_SIZE, integer=True, none=True)
         check_number("data.batch_size", batch_size, 1, integer=True)
         self.geometry = check_geometry(geometry, "data.geometry")
@@ -211,10 +214,14 @@ class XrayDataModule(L.LightningDataModule):
             return
         self.splits = self.read_splits()
         for name, split in self.splits.items():
-            log.info("%s split: %d images, %s = %s", name, len(split), "/".join(CLASS_NAMES), split.class_counts())
+            log.info("%s split: %d images, %s = %s", name, len(split), "/".join(self.class_names), split.class_counts())
         if "train" in self.splits:  # evaluate reads no train split: the checkpoint has the statistics
             self.mean, self.std = pixel_mean_std(self.splits["train"])
             log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.task.classes
 
     @property
     def image_size(self) -> int:
@@ -230,7 +237,7 @@ class XrayDataModule(L.LightningDataModule):
         for name, split in self.splits.items():
             for i, label in enumerate(split.labels.tolist()):
                 path, patient = self.source_name(split, name, i), self.patient_name(split, i)
-                rows.append({"path": path, "split": name, "label": CLASS_NAMES[label], "patient": patient})
+                rows.append({"path": path, "split": name, "label": self.class_names[label], "patient": patient})
         return rows
 
     def source_name(self, split: Split, name: str, index: int) -> str:
@@ -308,7 +315,8 @@ class XrayDataModule(L.LightningDataModule):
             "in_channels": self.in_channels,
             "mean": self.mean,
             "std": self.std,
-            "class_names": list(CLASS_NAMES),
+            "class_names": list(self.class_names),
+            "task": self.task.record(),
             "geometry": self.geometry,
         }
 

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from xray_cls.data.cache import cache_path, cached_images
-from xray_cls.data.datamodule import CLASS_NAMES, Split, XrayDataModule
+from xray_cls.data.datamodule import Split, XrayDataModule
 from xray_cls.data.images import IMAGE_SUFFIXES, decode_images, is_image_file
 from xray_cls.config import MAX_IMAGE_SIZE, check_number
 from xray_cls.errors import UserInputError
 from xray_cls.files import path_text
+from xray_cls.task import PNEUMONIA, Task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,18 @@ def find_subfolder(parent: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def list_images(split_dir: Path) -> tuple[list[Path], list[int], int]:
-    """(paths, labels, number of ignored files) below split_dir/{NORMAL,PNEUMONIA}."""
+def list_images(split_dir: Path, task: Task = PNEUMONIA) -> tuple[list[Path], list[int], int]:
+    """(paths, labels, number of ignored files) below the task's class folders of split_dir
+    (NORMAL/ and PNEUMONIA/ for task=pneumonia), each image labeled by its folder or, for a task
+    read from file names, by its name."""
     paths, labels, ignored = [], [], 0
-    for label, class_name in enumerate(CLASS_NAMES):
-        class_dir = find_subfolder(split_dir, (class_name,))
+    for label, folder in enumerate(task.class_folders):
+        class_dir = find_subfolder(split_dir, (folder,))
         if class_dir is None:
             found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
             raise UserInputError(
-                f"{split_dir} has no {class_name} folder; expected the class folders "
-                f"{' and '.join(CLASS_NAMES)} (any case), found {found or 'no folders'}"
+                f"{split_dir} has no {folder} folder; expected the class folders "
+                f"{' and '.join(task.class_folders)} (any case), found {found or 'no folders'}"
             )
         files = sorted(p for p in class_dir.rglob("*") if p.is_file())
         images = [p for p in files if is_image_file(p)]
@@ -89,13 +92,30 @@ def list_images(split_dir: Path) -> tuple[list[Path], list[int], int]:
                 f"{class_dir} holds no images; expected {', '.join(sorted(IMAGE_SUFFIXES))} files"
             )
         ignored += len(files) - len(images)
-        paths += images
-        labels += [label] * len(images)
+        found_labels = [label] * len(images) if not task.from_file_names else labels_from_names(images, task)
+        paths += [p for p, found_label in zip(images, found_labels) if found_label is not None]
+        labels += [found_label for found_label in found_labels if found_label is not None]
     return paths, labels, ignored
 
 
+def labels_from_names(images: list[Path], task: Task) -> list[int | None]:
+    """Each image's class by its file name; a name that tells none is refused, or skipped and
+    counted, as `task.unknown` says."""
+    labels = [task.label_from_name(p) for p in images]
+    unknown = [p for p, label in zip(images, labels) if label is None]
+    words = " or ".join(f"{task.file_name_words[c]!r} ({c})" for c in task.classes)
+    if unknown and task.unknown == "refuse":
+        raise UserInputError(
+            f"{path_text(unknown[0])}: its name says no class of task={task.name} ({len(unknown)} such file(s)); "
+            f"expected one of the words {words}, or task.unknown=skip"
+        )
+    if unknown:
+        log.warning("%s: skipped %d file(s) whose names hold neither %s", path_text(unknown[0].parent), len(unknown), words)
+    return labels
+
+
 def read_folder_split(
-    split_dirs: list[Path], size: int, cache_dir: Path | None = None, geometry: str = "crop"
+    split_dirs: list[Path], size: int, cache_dir: Path | None = None, geometry: str = "crop", task: Task = PNEUMONIA
 ) -> Split:
     """The images below `split_dirs` (one split folder, or train and a small val folder that joins
     it) as one split: memory-mapped from the cache entry in `cache_dir`, decoding into it first if
@@ -103,7 +123,7 @@ def read_folder_split(
     paths: list[Path] = []
     labels: list[int] = []
     for split_dir in split_dirs:
-        found, found_labels, ignored = list_images(split_dir)
+        found, found_labels, ignored = list_images(split_dir, task)
         if ignored:
             log.info("%s: ignored %d file(s) that are not images", split_dir, ignored)
         paths += found
@@ -140,10 +160,13 @@ class ImageFolderDataModule(XrayDataModule):
         test_fraction: float = 0.1,
         test_seed: int = 0,
         cache_dir: str | None = None,
+        classes: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         check_number("data.image_size", image_size, 1, MAX_IMAGE_SIZE, integer=True)  # a folder has no size of its own
         super().__init__(image_size=image_size, **kwargs)
+        if classes is not None:
+            self.task = make_task(self.task.record(), classes)
         if not root:
             raise UserInputError("data.root is not set; expected data.root=/path/to/chest_xray")
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -160,7 +183,7 @@ class ImageFolderDataModule(XrayDataModule):
         if not self.root.is_dir():
             raise UserInputError(
                 f"data.root: {self.root} does not exist or is not a folder; expected a folder with "
-                "train/ (and optionally test/ and val/), each holding NORMAL/ and PNEUMONIA/"
+                f"train/ (and optionally test/ and val/), each holding {self._class_folders_text()}"
             )
         test_dir = self._test_folder()
         if self.only_split == "test" and test_dir is not None:
@@ -170,15 +193,18 @@ class ImageFolderDataModule(XrayDataModule):
             splits["test"] = self._read(test_dir)
         return splits
 
+    def _class_folders_text(self) -> str:
+        return " and ".join(f"{folder}/" for folder in self.task.class_folders)
+
     def _read(self, *folders: Path) -> Split:
-        return read_folder_split(list(folders), self.requested_size, self.cache_dir, self.geometry)
+        return read_folder_split(list(folders), self.requested_size, self.cache_dir, self.geometry, self.task)
 
     def _test_folder(self) -> Path | None:
         """root/test; root itself when it holds the class folders (a folder of test images alone);
         None when there is only train/ (the test split is then drawn from it)."""
         test_dir = find_subfolder(self.root, ("test",))
         if test_dir is None and find_subfolder(self.root, ("train",)) is None:
-            if all(find_subfolder(self.root, (c,)) for c in CLASS_NAMES):
+            if all(find_subfolder(self.root, (c,)) for c in self.task.class_folders):
                 return self.root
             found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
             raise UserInputError(
@@ -192,8 +218,8 @@ class ImageFolderDataModule(XrayDataModule):
         from train by patient."""
         train_dir, val_dir = find_subfolder(self.root, ("train",)), find_subfolder(self.root, VAL_FOLDER_NAMES)
         if train_dir is None:
-            raise UserInputError(f"data.root: {self.root} has no train/ folder; expected train/ with NORMAL/ and PNEUMONIA/")
-        val_count = len(list_images(val_dir)[0]) if val_dir is not None else 0
+            raise UserInputError(f"data.root: {self.root} has no train/ folder; expected train/ with {self._class_folders_text()}")
+        val_count = len(list_images(val_dir, self.task)[0]) if val_dir is not None else 0
         val = None
         if val_dir is not None and val_count >= self.min_val_images:
             train, val = self._read(train_dir), self._read(val_dir)

@@ -16,7 +16,7 @@ from xray_cls.errors import UserInputError
 BUNDLED_NPZ = Path(__file__).parent.parent / "bundled" / "pneumoniamnist.npz"
 
 
-def read_npz(path: Path) -> dict[str, Split]:
+def read_npz(path: Path, class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")) -> dict[str, Split]:
     """MedMNIST layout: {train,val,test}_{images,labels}, images (N, H, W) or (N, H, W, C)."""
     if not path.is_file():
         raise UserInputError(f"data.path: {path} does not exist; expected a MedMNIST-style .npz file")
@@ -36,6 +36,13 @@ def read_npz(path: Path) -> dict[str, Split]:
         if images.ndim == 4:  # colour MedMNIST sets: average to one channel, like folder images
             images = images.float().mean(dim=-1).round().to(torch.uint8)
         labels = torch.from_numpy(archive[f"{name}_labels"].reshape(-1).astype(np.int64))
+        if len(labels) != len(images):
+            raise UserInputError(f"data.path: {path} has {len(images)} {name} images and {len(labels)} labels; expected one label per image")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(class_names):
+            raise UserInputError(
+                f"data.path: {path} holds {name} labels from {int(labels.min())} to {int(labels.max())}; expected "
+                + ", ".join(f"{i} ({n})" for i, n in enumerate(class_names)) + " (more than two classes are not supported yet)"
+            )
         splits[name] = Split(images.unsqueeze(1).contiguous(), labels)
     return splits
 
@@ -46,9 +53,14 @@ class PneumoniaMNISTDataModule(XrayDataModule):
     def __init__(self, path: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.path = Path(path) if path else BUNDLED_NPZ
+        if self.task.from_file_names or self.task.folders:
+            raise UserInputError(
+                f"task={self.task.name} reads the class of each image from its file name; a MedMNIST .npz has none "
+                "(its labels are its classes); expected data=folder with a Kermany folder"
+            )
 
     def read_splits(self) -> dict[str, Split]:
-        splits = read_npz(self.path)
+        splits = read_npz(self.path, self.class_names)
         if self.requested_size is not None:
             size = self.requested_size
             splits = {k: Split(resize_uint8(s.images, size, self.geometry), s.labels) for k, s in splits.items()}
