@@ -94,12 +94,19 @@ def task_of_run(task: Mapping[str, Any], data: Mapping[str, Any]) -> Task:
     its data: only a folder has file names to read classes from."""
     classes = data.get("classes")
     made = make_task(task, list(classes) if classes is not None else None)
-    if (made.from_file_names or made.folders) and not str(data.get("_target_", "")).endswith("ImageFolderDataModule"):
+    if not str(data.get("_target_", "")).endswith("ImageFolderDataModule"):
+        check_labels_are_classes(made)
+    return made
+
+
+def check_labels_are_classes(task: Task) -> None:
+    """A dataset without file names or folders (a MedMNIST .npz) can only serve a task whose
+    classes are its labels."""
+    if task.from_file_names or task.folders:
         raise UserInputError(
-            f"task={made.name} reads the class of each image from its file name; a MedMNIST .npz has none "
+            f"task={task.name} reads the class of each image from its file name; a MedMNIST .npz has none "
             "(its labels are its classes); expected data=folder with a Kermany folder"
         )
-    return made
 
 
 def check_names(option: str, names: list[Any], at_least: int = 2) -> None:

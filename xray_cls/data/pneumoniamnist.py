@@ -11,6 +11,7 @@ import torch
 from xray_cls.data.datamodule import SPLITS, Split, XrayDataModule
 from xray_cls.data.images import resize_uint8
 from xray_cls.errors import UserInputError
+from xray_cls.task import check_labels_are_classes
 
 
 BUNDLED_NPZ = Path(__file__).parent.parent / "bundled" / "pneumoniamnist.npz"
@@ -53,11 +54,7 @@ class PneumoniaMNISTDataModule(XrayDataModule):
     def __init__(self, path: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.path = Path(path) if path else BUNDLED_NPZ
-        if self.task.from_file_names or self.task.folders:
-            raise UserInputError(
-                f"task={self.task.name} reads the class of each image from its file name; a MedMNIST .npz has none "
-                "(its labels are its classes); expected data=folder with a Kermany folder"
-            )
+        check_labels_are_classes(self.task)
 
     def read_splits(self) -> dict[str, Split]:
         splits = read_npz(self.path, self.class_names)
