@@ -132,7 +132,8 @@ def test_per_site_normalization_takes_the_sites_pixel_statistics(mlp_run: Path, 
 
 
 @pytest.mark.parametrize(("case", "expected"), [
-    ("no batch norm", "its MLP has no batch-norm layers, so adapt=bn cannot adapt it; expected a network with batch norm"),
+    ("no batch norm", r"its MLP has no batch-norm layers, so method=bn cannot adapt it; expected a network with batch norm "
+                      r"\(model=resnet\), or method=normalization"),
     ("empty folder", "holds no images"),
 ])
 def test_adapt_refuses_in_one_line(case: str, expected: str, mlp_run: Path, tmp_path: Path, site_data: dict[str, Path]) -> None:
@@ -238,3 +239,11 @@ def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshol
     assert flipped_choices == choices
     for (name, a), (_, b) in zip(adapted.state_dict().items(), flipped.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_site_protocol_refuses_batch_norm_adaptation_of_a_network_without_it(mlp_run: Path, site_data: dict[str, Path],
+                                                                                tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"its MLP has no batch-norm layers, so site.adapt=bn cannot adapt it; .* or "
+                                             r"site.adapt=normalization"):
+        evaluate_site(mlp_run, site_data["site"], tmp_path / "eval", "site.calibration_fraction=0.2", "site.adapt=bn")
+    assert not (tmp_path / "eval" / "metrics.json").exists()

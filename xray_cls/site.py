@@ -37,12 +37,13 @@ def batch_norm_layers(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def check_adaptable(net: nn.Module, method: str, source: str) -> None:
-    """`bn` needs batch norm: refused for a network without it, naming the method that works."""
+def check_adaptable(net: nn.Module, method: str, source: str, option: str = "method") -> None:
+    """`bn` needs batch norm: refused for a network without it, naming the method that works
+    (`option` is the command's name for the method: method, or evaluate's site.adapt)."""
     if method == "bn" and not batch_norm_layers(net):
         raise UserInputError(
-            f"{source}: its {type(net).__name__} has no batch-norm layers, so adapt=bn cannot adapt it; "
-            "expected a network with batch norm (model=resnet), or adapt=normalization, which works for any network"
+            f"{source}: its {type(net).__name__} has no batch-norm layers, so {option}=bn cannot adapt it; "
+            f"expected a network with batch norm (model=resnet), or {option}=normalization, which works for any network"
         )
 
 

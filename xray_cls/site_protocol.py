@@ -44,7 +44,7 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
     names = module.hparams.preprocessing["class_names"]
     calibration, test, parts = site_parts(split, cfg.site.calibration_fraction, cfg.site.seed, names)
     if cfg.site.adapt != "none":
-        check_adaptable(module.net, cfg.site.adapt, f"ckpt={ckpt}")
+        check_adaptable(module.net, cfg.site.adapt, f"ckpt={ckpt}", "site.adapt")
     adapted, choices, adapted_on = site_model(cfg, module, datamodule, split, calibration)
     _, before = tested(trainer, module, part(datamodule, split, test, module), module.choices, cfg)
     after_data = part(datamodule, split, test, adapted)
