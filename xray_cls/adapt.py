@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import exit_on_user_error, quiet_libraries, require
-from xray_cls.config import CONFIG_DIR, check_options
+from xray_cls.cli import checkpoint_command, exit_on_user_error
+from xray_cls.config import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,10 @@ def adapt(cfg: DictConfig) -> Path:
     """Adapt `cfg.ckpt` to the images of `cfg.data.root`; returns adapted.ckpt's path."""
     from xray_cls.checkpoint import load_classifier, read_checkpoint, write_checkpoint
     from xray_cls.predict import find_inputs
-    from xray_cls.run_folder import taken
     from xray_cls.site import adapted_module, check_adaptable, checkpoint_with, files_digest
 
-    check_options(cfg, "adapt")
-    quiet_libraries()
-    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
-    require(cfg, "data.root", "/path/to/site_images")
-    out_dir = Path(cfg.paths.output_dir)
-    with taken(out_dir, ["adapted.ckpt"], "an adapted checkpoint"):
+    with checkpoint_command(cfg, "adapt", ["adapted.ckpt"], "an adapted checkpoint",
+                            required={"data.root": "/path/to/site_images"}) as out_dir:
         module = load_classifier(cfg.ckpt)
         check_adaptable(module.net, cfg.method, f"ckpt={cfg.ckpt}")
         found = find_inputs(Path(cfg.data.root).expanduser())

@@ -1,5 +1,6 @@
-"""What the commands (train, evaluate, predict, export) share on the command line: a console
-without library noise, and a user's mistake as one line with exit status 2 instead of a traceback."""
+"""What the commands (train, evaluate, predict, export, adapt, recalibrate) share on the command
+line: a console without library noise, the start of a command on a checkpoint, and a user's
+mistake as one line with exit status 2 instead of a traceback."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -90,6 +93,24 @@ def exit_on_user_error(command: Callable[[], Any]) -> Any:
             raise
         print(f"{'interrupted' if isinstance(user_error, RunInterrupted) else 'error'}: {error_line(err)}", file=sys.stderr)
         sys.exit(130 if isinstance(user_error, RunInterrupted) else 2)
+
+
+@contextmanager
+def checkpoint_command(cfg: Any, command: str, results: list[str], what: str,
+                       required: Mapping[str, str] | None = None) -> Iterator[Path]:
+    """How a command on a checkpoint starts: its options checked, the libraries quieted, `ckpt`
+    (and each of `required`: key, example) given, then its output folder held for the block and
+    refused when it holds any of `results`. Yields the output folder."""
+    from xray_cls.config import check_options
+    from xray_cls.run_folder import taken
+
+    check_options(cfg, command)
+    quiet_libraries()
+    for key, expected in {"ckpt": "outputs/<run>/checkpoints/best.ckpt", **(required or {})}.items():
+        require(cfg, key, expected)
+    out_dir = Path(cfg.paths.output_dir)
+    with taken(out_dir, results, what):
+        yield out_dir
 
 
 def require(cfg: Any, key: str, expected: str) -> None:

@@ -19,21 +19,15 @@ import hydra
 from omegaconf import DictConfig
 
 from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import exit_on_user_error, quiet_libraries, require
-from xray_cls.config import CONFIG_DIR, check_options
+from xray_cls.cli import checkpoint_command, exit_on_user_error
+from xray_cls.config import CONFIG_DIR
 from xray_cls.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    from xray_cls.run_folder import taken
-
-    check_options(cfg, "evaluate")
-    quiet_libraries()
-    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
-    out_dir = Path(cfg.paths.output_dir)
-    with taken(out_dir, ["metrics.json"], "an evaluation"):
+    with checkpoint_command(cfg, "evaluate", ["metrics.json"], "an evaluation") as out_dir:
         return evaluate_in(cfg, out_dir)
 
 

@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import exit_on_user_error, quiet_libraries, require
-from xray_cls.config import CONFIG_DIR, EXPORT_FORMATS, check_options
+from xray_cls.cli import checkpoint_command, exit_on_user_error
+from xray_cls.config import CONFIG_DIR, EXPORT_FORMATS
 from xray_cls.errors import UserInputError
 from xray_cls.files import atomic_write, write_json
 
@@ -50,13 +50,8 @@ class ProbabilityModel(nn.Module):
 def export(cfg: DictConfig) -> Path:
     """Export `cfg.ckpt` as `cfg.format`; returns the model file's path."""
     from xray_cls.checkpoint import load_classifier
-    from xray_cls.run_folder import taken
 
-    check_options(cfg, "export")
-    quiet_libraries()
-    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
-    out_dir = Path(cfg.paths.output_dir)
-    with taken(out_dir, [SIDECAR], "an exported model"):
+    with checkpoint_command(cfg, "export", [SIDECAR], "an exported model") as out_dir:
         module = load_classifier(cfg.ckpt)
         model_path = write_model(module, cfg.format, cfg.opset, out_dir / MODEL_FILES[cfg.format])
         write_json(out_dir / SIDECAR, sidecar(module, model_path, cfg))

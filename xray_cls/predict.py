@@ -24,8 +24,8 @@ import hydra
 from omegaconf import DictConfig
 
 from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import exit_on_user_error, quiet_libraries, require
-from xray_cls.config import CONFIG_DIR, check_options
+from xray_cls.cli import checkpoint_command, exit_on_user_error
+from xray_cls.config import CONFIG_DIR
 from xray_cls.errors import UserInputError
 from xray_cls.files import atomic_write, path_text, write_csv
 
@@ -109,14 +109,8 @@ def save_overlay(path: Path, cam: Any, geometry: str, target: Path) -> None:
 
 def predict(cfg: DictConfig) -> Path:
     """Predict every image of `cfg.input`; returns the path of predictions.csv."""
-    from xray_cls.run_folder import taken
-
-    check_options(cfg, "predict")
-    quiet_libraries()
-    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
-    require(cfg, "input", "/path/to/image_or_folder")
-    out_dir = Path(cfg.paths.output_dir)
-    with taken(out_dir, ["predictions.csv"], "predictions"):
+    with checkpoint_command(cfg, "predict", ["predictions.csv"], "predictions",
+                            required={"input": "/path/to/image_or_folder"}) as out_dir:
         module, threshold = predicting_model(cfg)
         input_path = Path(cfg.input).expanduser()
         found = find_inputs(input_path)

@@ -19,8 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import exit_on_user_error, quiet_libraries, require
-from xray_cls.config import CONFIG_DIR, check_options
+from xray_cls.cli import checkpoint_command, exit_on_user_error
+from xray_cls.config import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,10 @@ def recalibrate(cfg: DictConfig) -> dict[str, Any]:
     from xray_cls.data import trained_geometry
     from xray_cls.evaluate import evaluation_data
     from xray_cls.files import write_json
-    from xray_cls.run_folder import taken
     from xray_cls.site import checkpoint_with, files_digest, operating_point, recalibrated_choices
     from xray_cls.val_choices import val_predictions
 
-    check_options(cfg, "recalibrate")
-    quiet_libraries()
-    require(cfg, "ckpt", "outputs/<run>/checkpoints/best.ckpt")
-    out_dir = Path(cfg.paths.output_dir)
-    with taken(out_dir, ["recalibrated.ckpt"], "a recalibrated checkpoint"):
+    with checkpoint_command(cfg, "recalibrate", ["recalibrated.ckpt"], "a recalibrated checkpoint") as out_dir:
         module = load_classifier(cfg.ckpt)
         prep = module.hparams.preprocessing
         datamodule = evaluation_data(cfg, prep, trained_geometry(prep, cfg.ckpt), "test", {})
