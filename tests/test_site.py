@@ -233,9 +233,9 @@ def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshol
     datamodule = evaluation_data(cfg, module.hparams.preprocessing, "crop", "test", {})
     split = datamodule.splits["test"]
     calibration, test, _ = site_parts(split, 0.2, 0)
-    adapted, choices, _ = site_model(cfg, module, datamodule, split, calibration)
+    adapted, choices, _, _ = site_model(cfg, module, datamodule, split, calibration)
     split.labels[test] = 1 - split.labels[test]  # every test-part label flipped
-    flipped, flipped_choices, _ = site_model(cfg, module, datamodule, split, calibration)
+    flipped, flipped_choices, _, _ = site_model(cfg, module, datamodule, split, calibration)
     assert flipped_choices == choices
     for (name, a), (_, b) in zip(adapted.state_dict().items(), flipped.state_dict().items()):
         assert torch.equal(a, b), name

@@ -8,6 +8,7 @@ map. High values mark the regions that pushed the prediction towards PNEUMONIA.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,7 +82,7 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> PILImage.
 
 
 def sample_figure(images: Tensor, cams: Tensor, probs: Tensor, labels: Tensor, threshold: float,
-                  names: tuple[str, ...] | list[str] = ("NORMAL", "PNEUMONIA")) -> Figure:
+                  names: Sequence[str]) -> Figure:
     """Overlays of a sample of test images in a grid, each titled with its true class and probability."""
     from matplotlib.figure import Figure
 

@@ -169,7 +169,7 @@ def curve_figure(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, tit
     return fig
 
 
-def reliability_figure(calibration: dict[str, Any], positive: str = "PNEUMONIA") -> Figure:
+def reliability_figure(calibration: dict[str, Any], positive: str) -> Figure:
     """Fraction of positive (PNEUMONIA) images against the mean probability, per bin, for test (and val)."""
     from matplotlib.figure import Figure
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from xray_cls.errors import UserInputError
 from xray_cls.files import path_text
+from xray_cls.task import PNEUMONIA
 from xray_cls.val_choices import ValChoices, choose_on_val
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def in_batches(images: Tensor, size: int = ADAPT_BATCH) -> Iterable[Tensor]:
 
 
 def recalibrated_choices(choices: ValChoices, logits: Tensor, labels: Tensor, target_sensitivity: float,
-                         names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> ValChoices:
+                         names: Sequence[str] = PNEUMONIA.classes) -> ValChoices:
     """The temperature (when `choices` have one) and the threshold by `choices`' own rule, chosen on
     the site's labeled images alone; a class with few images gets a warning."""
     counts = torch.bincount(labels, minlength=2).tolist()
@@ -151,7 +152,7 @@ def recalibrated_choices(choices: ValChoices, logits: Tensor, labels: Tensor, ta
 
 
 def operating_point(choices: ValChoices, logits: Tensor, labels: Tensor, resamples: int, confidence: float, seed: int,
-                    names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> dict[str, Any]:
+                    names: Sequence[str]) -> dict[str, Any]:
     """The new operating point on the images it was chosen on: per-class counts, sensitivity and
     specificity at the threshold, with bootstrap intervals."""
     from xray_cls.metrics import bootstrap_intervals

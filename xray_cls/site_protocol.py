@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from xray_cls.files import path_text, write_csv
 from xray_cls.site import adapted_module, check_adaptable, files_digest, in_batches, operating_point, recalibrated_choices
+from xray_cls.task import PNEUMONIA
 from xray_cls.val_choices import ValChoices
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ COMPARED = ["accuracy", "precision", "recall", "specificity", "f1", "auroc"]
 def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, datamodule: Any, ckpt: str) -> dict[str, Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from xray_cls.checkpoint import read_checkpoint
+    from xray_cls.checkpoint import read_checkpoint, write_checkpoint
     from xray_cls.run_report import tested, write_report
     from xray_cls.site import checkpoint_with
 
@@ -45,7 +46,7 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
     calibration, test, parts = site_parts(split, cfg.site.calibration_fraction, cfg.site.seed, names)
     if cfg.site.adapt != "none":
         check_adaptable(module.net, cfg.site.adapt, f"ckpt={ckpt}", "site.adapt")
-    adapted, choices, adapted_on = site_model(cfg, module, datamodule, split, calibration)
+    adapted, choices, adapted_on, calibration_logits = site_model(cfg, module, datamodule, split, calibration)
     _, before = tested(trainer, module, part(datamodule, split, test, module), module.choices, cfg)
     after_data = part(datamodule, split, test, adapted)
     results, after = tested(trainer, adapted, after_data, choices, cfg)
@@ -59,20 +60,19 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
         "evaluation": {"checkpoint": str(ckpt), "split": cfg.split, "data": {k: v for k, v in cfg.data.items() if k in ("_target_", "path", "root")},
                        "preprocessing": dict(adapted.hparams.preprocessing), "site_checkpoint": "site.ckpt"},
         "site": {**record, "parts": parts, "before": {k: before[k] for k in ("threshold", "threshold_rule", "n_test", "confusion_matrix", "test")},
-                 "operating_point": site_operating_point(cfg, adapted, datamodule, split, calibration, choices)},
+                 "operating_point": operating_point(choices, *calibration_logits, cfg.bootstrap.resamples, cfg.bootstrap.confidence,
+                                                    cfg.seed, names)},
     }
     write_csv(out_dir / "site_parts.csv", part_rows(split, calibration, names), ["path", "part", "label"])
     write_report(trainer, adapted, after_data, results, metrics, cfg, out_dir, [TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")],
                  f"Site test part, adapted ({cfg.site.adapt}) and {'recalibrated' if cfg.site.recalibrate else 'not recalibrated'}",
                  gradcam=False, extra_lines="\n" + side_by_side(before, after, parts))
-    from xray_cls.checkpoint import write_checkpoint
-
     write_checkpoint(out_dir / "site.ckpt", checkpoint_with(read_checkpoint(ckpt), adapted, "site", record))
     log.info("evaluation folder: %s", out_dir)
     return metrics
 
 
-def site_parts(split: Any, fraction: float, seed: int, names: Sequence[str] = ("NORMAL", "PNEUMONIA")
+def site_parts(split: Any, fraction: float, seed: int, names: Sequence[str] = PNEUMONIA.classes
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(calibration indices, test indices, their sizes): the site's images split by patient."""
     from xray_cls.data import patient_split
@@ -90,33 +90,28 @@ def site_parts(split: Any, fraction: float, seed: int, names: Sequence[str] = ("
     return calibration, test, parts
 
 
-def site_model(cfg: DictConfig, module: Any, datamodule: Any, split: Any, calibration: torch.Tensor) -> tuple[Any, ValChoices, int]:
-    """(the model adapted to the site, its choices, the number of images it was adapted on). The
-    labels read are the calibration part's, and only to recalibrate: adaptation reads images."""
+def site_model(cfg: DictConfig, module: Any, datamodule: Any, split: Any, calibration: torch.Tensor
+               ) -> tuple[Any, ValChoices, int, tuple[torch.Tensor, torch.Tensor]]:
+    """(the model adapted to the site, its choices, the number of images it was adapted on, its
+    logits and the labels of the calibration part). The labels read are the calibration part's, to
+    recalibrate and to report the operating point there: adaptation reads images."""
     adapted, adapted_on = module, 0
     if cfg.site.adapt != "none":
         images = split.gather(calibration) if cfg.site.adapt_on == "calibration" else split.images
         adapted, adapted_on = adapted_module(module, cfg.site.adapt, in_batches(images.cpu()))
+    calibration_logits = part_logits(adapted, datamodule, split, calibration)  # before any temperature: choices leave them
     choices = adapted.choices
     if cfg.site.recalibrate:
-        logits, labels = part_logits(adapted, datamodule, split, calibration)
-        choices = recalibrated_choices(choices, logits, labels, cfg.target_sensitivity, module.hparams.preprocessing["class_names"])
+        choices = recalibrated_choices(choices, *calibration_logits, cfg.target_sensitivity, module.hparams.preprocessing["class_names"])
     adapted = adapted if adapted is not module else copy.deepcopy(module)
     adapted.apply_choices(choices)
-    return adapted, choices, adapted_on
+    return adapted, choices, adapted_on, calibration_logits
 
 
 def part_logits(module: Any, datamodule: Any, split: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from xray_cls.val_choices import val_predictions
 
     return val_predictions(module, part(datamodule, split, index, module), "test")
-
-
-def site_operating_point(cfg: DictConfig, adapted: Any, datamodule: Any, split: Any, calibration: torch.Tensor,
-                         choices: ValChoices) -> dict[str, Any]:
-    logits, labels = part_logits(adapted, datamodule, split, calibration)
-    return operating_point(choices, logits, labels, cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed,
-                           adapted.hparams.preprocessing["class_names"])
 
 
 def part(datamodule: Any, split: Any, index: torch.Tensor, module: Any) -> Any:

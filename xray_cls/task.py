@@ -31,10 +31,6 @@ class Task:
     unknown: str = "refuse"
 
     @property
-    def positive(self) -> str:
-        return self.classes[-1]
-
-    @property
     def class_folders(self) -> tuple[str, ...]:
         return self.folders or self.classes
 
@@ -52,11 +48,6 @@ class Task:
         """The task as plain data, for a checkpoint."""
         return {"name": self.name, "classes": list(self.classes), "folders": list(self.folders),
                 "file_name_words": dict(self.file_name_words), "unknown": self.unknown}
-
-    def describe(self) -> str:
-        source = (f"from the file names of {'/'.join(self.class_folders)}" if self.from_file_names
-                  else "from the class folders")
-        return f"task {self.name}: {' vs '.join(self.classes)} (positive class {self.positive}), {source}"
 
 
 PNEUMONIA = Task("pneumonia", ("NORMAL", "PNEUMONIA"))

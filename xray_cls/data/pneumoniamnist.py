@@ -11,13 +11,13 @@ import torch
 from xray_cls.data.datamodule import SPLITS, Split, XrayDataModule
 from xray_cls.data.images import resize_uint8
 from xray_cls.errors import UserInputError
-from xray_cls.task import check_labels_are_classes
+from xray_cls.task import PNEUMONIA, check_labels_are_classes
 
 
 BUNDLED_NPZ = Path(__file__).parent.parent / "bundled" / "pneumoniamnist.npz"
 
 
-def read_npz(path: Path, class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")) -> dict[str, Split]:
+def read_npz(path: Path, class_names: tuple[str, ...] = PNEUMONIA.classes) -> dict[str, Split]:
     """MedMNIST layout: {train,val,test}_{images,labels}, images (N, H, W) or (N, H, W, C)."""
     if not path.is_file():
         raise UserInputError(f"data.path: {path} does not exist; expected a MedMNIST-style .npz file")
