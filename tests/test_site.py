@@ -247,3 +247,11 @@ def test_the_site_protocol_refuses_batch_norm_adaptation_of_a_network_without_it
                                              r"site.adapt=normalization"):
         evaluate_site(mlp_run, site_data["site"], tmp_path / "eval", "site.calibration_fraction=0.2", "site.adapt=bn")
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_adapt_without_a_site_folder_names_the_missing_option(mlp_run: Path, tmp_path: Path) -> None:
+    from xray_cls.adapt import adapt
+
+    with pytest.raises(UserInputError, match=r"^data.root is not set; expected data.root=/path/to/site_images$"):
+        adapt(compose_config(tmp_path / "out", [f"ckpt={mlp_run / 'checkpoints' / 'best.ckpt'}"], name="adapt"))
+    assert not (tmp_path / "out").exists()

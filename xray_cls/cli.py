@@ -114,6 +114,9 @@ def checkpoint_command(cfg: Any, command: str, results: list[str], what: str,
 
 
 def require(cfg: Any, key: str, expected: str) -> None:
-    """A mandatory option (`???` in the config) that was not given: name it and an example."""
-    if OmegaConf.is_missing(cfg, key):
+    """A mandatory option (`???` in the config) that was not given: name it and an example. `key`
+    may be a dotted path (data.root): is_missing looks at one node's own keys only."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if node is None or OmegaConf.is_missing(node, leaf):
         raise UserInputError(f"{key} is not set; expected {key}={expected}")
