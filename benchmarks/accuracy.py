@@ -9,6 +9,7 @@ with --folder, `+experiment=best_folder` on a Kermany/Kaggle image folder.
     python benchmarks/accuracy.py --folder PATH [--heldout TEST_PATH]
     python benchmarks/accuracy.py --folder PATH --site SITE [--site-fractions 0.05,0.1,0.2]
     python benchmarks/accuracy.py --folder PATH --task bacterial_viral   # +experiment=best_bacterial_viral
+    python benchmarks/accuracy.py --folder PATH --task normal_bacterial_viral   # three classes
 
 Everything about a run is chosen on the validation split (checkpoint, temperature, threshold);
 each run's test split is evaluated once, after training, and only reported here. In folder mode
@@ -17,7 +18,9 @@ the test split is the folder's test/, or the development test drawn from train/ 
 folders), e.g. the Kaggle test images the recipe never saw. The last line is machine-readable
 (RESULT ...): ece= is the test ECE (15 bins) of the recipe, and with --calibration temperature,
 ece_uncalibrated= is the same before temperature scaling; folder mode adds the folder's figures
-(folder_acc= folder_auroc=, and heldout_acc= heldout_auroc= with --heldout).
+(folder_acc= folder_auroc=, and heldout_acc= heldout_auroc= with --heldout). For three or more
+classes, folder_auroc= is the macro one-vs-rest AUROC, and the line adds the macro F1 and each
+class's recall; the table gives each seed's confusion matrix.
 
 With --site, each run is also taken to another site, a folder of labeled images (test/ or the
 class folders; `--site bundled` writes the bundled PneumoniaMNIST test split there as PNGs: Kaggle's
@@ -160,7 +163,8 @@ def main() -> None:
     )
 
 
-RECIPES = {"pneumonia": "best_folder", "bacterial_viral": "best_bacterial_viral"}  # --task: its folder recipe
+RECIPES = {"pneumonia": "best_folder", "bacterial_viral": "best_bacterial_viral",  # --task: its folder recipe
+           "normal_bacterial_viral": "best_normal_bacterial_viral"}
 
 
 def folder_main(root: Path, heldout: Path | None, seeds: list[int], overrides: list[str], calibration: str,
@@ -168,6 +172,8 @@ def folder_main(root: Path, heldout: Path | None, seeds: list[int], overrides: l
     recipe = [f"+experiment={RECIPES[task]}", f"data.root={root}", *overrides]
     results = [run(recipe, s, heldout, site, fractions) for s in seeds]
     names = results[0]["class_names"]
+    if len(names) > 2:
+        return multiclass_summary(f"+experiment={RECIPES[task]} on {root}", results)
     best = summarize(f"+experiment={RECIPES[task]} on {root} (sens: {names[1]} recall, spec: {names[0]} recall)", results)
     held = f" heldout_acc={best['heldout_acc']:.4f} heldout_auroc={best['heldout_auroc']:.4f}" if heldout else ""
     print(
@@ -178,6 +184,33 @@ def folder_main(root: Path, heldout: Path | None, seeds: list[int], overrides: l
     )
     if site is not None:
         print(site_summary(results, fractions or []))
+
+
+def multiclass_summary(name: str, results: list[dict[str, Any]]) -> None:
+    """Three or more classes: each seed's accuracy, macro AUROC and F1, per-class recall and
+    confusion matrix; the means and spread, then the RESULT line."""
+    names = results[0]["class_names"]
+    print(f"\n{name}: {len(names)} classes, each image called its most probable (AUROC and F1: macro, one vs rest)")
+    print(f"  {'seed':>4}  {'ACC':>6}  {'AUROC':>6}  {'F1':>6}  " + "  ".join(f"{'rec ' + n[:8]:>12}" for n in names)
+          + f"  {'ECE':>6}  {'train min':>9}")
+    for r in results:
+        t, per_class = r["test"], r["per_class"]
+        print(f"  {r['hparams']['seed']:>4}  {t['accuracy']:.4f}  {t['auroc']:.4f}  {t['f1']:.4f}  "
+              + "  ".join(f"{per_class[n]['recall']:>12.4f}" for n in names)
+              + f"  {r['calibration']['test_ece']:.4f}  {r['train_seconds'] / 60:>9.2f}")
+    for r in results:
+        rows = "; ".join(f"{n} {row}" for n, row in zip(names, r["confusion_matrix"]["matrix"]))
+        print(f"  seed {r['hparams']['seed']} matrix (rows true, columns {', '.join(names)}): {rows}")
+    accuracy = [r["test"]["accuracy"] for r in results]
+    mean = {k: statistics.mean(r["test"][k] for r in results) for k in ("accuracy", "auroc", "f1")}
+    recalls = {n: statistics.mean(r["per_class"][n]["recall"] for r in results) for n in names}
+    minutes = statistics.median(r["train_seconds"] / 60 for r in results)
+    print(
+        f"RESULT folder_acc={mean['accuracy']:.4f} folder_auroc={mean['auroc']:.4f} "
+        f"folder_acc_std={statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0:.4f} folder_f1={mean['f1']:.4f} "
+        + " ".join(f"recall_{n.lower()}={v:.4f}" for n, v in recalls.items())
+        + f" seeds={len(results)} minutes_per_run={minutes:.2f} ece={statistics.mean(r['calibration']['test_ece'] for r in results):.4f}"
+    )
 
 
 def site_summary(results: list[dict[str, Any]], fractions: list[float]) -> str:

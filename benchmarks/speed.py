@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py            # the full benchmark: 4 repeats of 12-epoch fits (about 17 minutes on 2 CPU cores)
     python benchmarks/speed.py --quick    # a smoke test of every measurement
+    python benchmarks/speed.py --gpu      # resnet50 and densenet121 at 224 px on a GPU: a few minutes
 
 The project side is what users run: `python -m xray_cls` with its defaults (progress bar, Hydra's
 console log), in a pseudo-terminal so that the bar draws as it would on a user's screen; a fit's
@@ -212,11 +213,74 @@ def goal_line(name: str, a: str, b: str, ratio: float, goal: float) -> str:
     return f"{name:<62}{a:>10}{b:>10}{ratio:>8.3f}{'<= ' + str(goal):>9}  {verdict}"
 
 
+GPU_NETWORKS = ("resnet50", "densenet121")
+GPU_SIZE, GPU_BATCH = 224, 64
+
+
+def gpu_overrides(model: str, batches: int) -> list[str]:
+    """A trainer=gpu fit of `batches` train batches at 224 px (the bundled images resized), from scratch."""
+    return ["trainer=gpu", f"model={model}", f"data.image_size={GPU_SIZE}", f"data.batch_size={GPU_BATCH}",
+            "trainer.max_epochs=1", f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=0",
+            "bootstrap.resamples=0", "gradcam_samples=0", "trainer.enable_progress_bar=false"]
+
+
+def plain_gpu_images_per_second(model: str, batches: int) -> tuple[float, float]:
+    """(images/s, peak GPU memory in GiB) of the same network in a hand-written bf16 loop on GPU
+    tensors, timed after a warm-up of 5 batches."""
+    from xray_cls.networks import build_network
+
+    device = torch.device("cuda")
+    net = build_network({"_target_": "xray_cls.backbones.TorchvisionNet", "name": model, "in_channels": 1,
+                         "image_size": GPU_SIZE}).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    images = torch.randn(GPU_BATCH, 1, GPU_SIZE, GPU_SIZE, device=device).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (GPU_BATCH,), device=device).float()
+    torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(batches):
+        step()
+    torch.cuda.synchronize()
+    return batches * GPU_BATCH / (time.perf_counter() - started), torch.cuda.max_memory_allocated() / 2**30
+
+
+def gpu_main(batches: int) -> None:
+    """trainer=gpu fits of GPU_NETWORKS against the plain loop: images/s and the plain loop's peak memory."""
+    if not torch.cuda.is_available():
+        print("error: --gpu needs a CUDA GPU; torch.cuda.is_available() is false on this machine", file=sys.stderr)
+        sys.exit(2)
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {GPU_SIZE} px, batch {GPU_BATCH}, {batches} batches")
+    values = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in GPU_NETWORKS:
+            seconds, _ = project_fit(gpu_overrides(model, batches), Path(tmp))
+            project_rate = batches * GPU_BATCH / seconds  # train_seconds include the start of the fit
+            plain_rate, peak = plain_gpu_images_per_second(model, batches)
+            print(f"  {model:<12} project {project_rate:8.1f} img/s   plain loop {plain_rate:8.1f} img/s   "
+                  f"ratio {project_rate / plain_rate:.2f}   plain peak memory {peak:.1f} GiB")
+            values += [f"{model}_images_per_s={project_rate:.1f}", f"{model}_plain_images_per_s={plain_rate:.1f}",
+                       f"{model}_peak_gib={peak:.2f}"]
+    print("RESULT gpu=" + torch.cuda.get_device_name().replace(" ", "_") + " " + " ".join(values))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small version of every measurement")
     parser.add_argument("--repeats", type=int, default=None, help="runs per figure (default 4, quick 1)")
+    parser.add_argument("--gpu", action="store_true", help=f"{', '.join(GPU_NETWORKS)} at {GPU_SIZE} px on a GPU instead")
     args = parser.parse_args()
+    if args.gpu:
+        return gpu_main(10 if args.quick else 100)
     repeats = args.repeats or (1 if args.quick else 4)
     # --quick: 1 epoch, and none of the after-training work (bootstrap, Grad-CAM) that train_seconds leaves out anyway
     short = ["trainer.max_epochs=1", "bootstrap.resamples=0", "gradcam_samples=0"] if args.quick else []  # default: 12 epochs

@@ -40,7 +40,7 @@ def write_image(path: Path, label: int, index: int) -> None:
     """Images of varied size, mode and format; PNEUMONIA ones brighter, so a model can learn."""
     rng = np.random.default_rng(index)
     height, width = 40 + 7 * (index % 5), 50 + 5 * (index % 3)
-    base = 90 + 80 * label
+    base = 90 + 80 * label  # labels 0, 1, 2: 90, 170, 250
     pixels = np.clip(rng.normal(base, 25, (height, width)), 0, 255).astype(np.uint8)
     kind = index % 4
     if kind == 0:
@@ -100,8 +100,8 @@ def make_kermany_folder(root: Path, layout: list[tuple[str, str, int]] = FOLDER_
     return root
 
 
-# The patients of each split; patient % 3 says bacteria, virus or normal. BACTERIAL images are
-# bright and VIRAL ones dark, so that a model can tell them apart.
+# The patients of each split; patient % 3 says bacteria, virus or normal. NORMAL images are dark,
+# VIRAL ones brighter and BACTERIAL ones brightest, so that a model can tell the three apart.
 PATIENTS = {"train": range(1, 25), "test": range(100, 110)}
 
 
@@ -123,7 +123,7 @@ def write_kermany_named_folder(root: Path, extra: tuple[str, ...] = ()) -> dict[
                     path = root / split / "PNEUMONIA" / f"person{patient}_{kind}_{index}"
                     counts[split]["BACTERIAL" if kind == "bacteria" else "VIRAL"] += 1
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_image(path, int(kind == "bacteria"), index)
+                write_image(path, ("normal", "virus", "bacteria").index(kind), index)
     for name in extra:
         write_image(root / "train" / "PNEUMONIA" / name, 1, 7)
     return counts

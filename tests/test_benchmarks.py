@@ -81,3 +81,24 @@ def test_accuracy_benchmark_bacterial_viral_mode(tmp_path: Path) -> None:
     values = quick_result("accuracy.py", keys, tmp_path, "--folder", str(root), "--task", "bacterial_viral")
     assert values["seeds"] == "1"
     assert 0 < float(values["folder_acc"]) <= 1 and 0 <= float(values["folder_auroc"]) <= 1
+
+
+def test_accuracy_benchmark_three_class_mode(tmp_path: Path) -> None:
+    """--task normal_bacterial_viral trains +experiment=best_normal_bacterial_viral and reports per-class recall."""
+    root = tmp_path / "kermany"
+    write_kermany_named_folder(root)
+    keys = ["folder_acc", "folder_auroc", "folder_acc_std", "folder_f1", "recall_normal", "recall_bacterial", "recall_viral",
+            "seeds", "minutes_per_run", "ece"]
+    values = quick_result("accuracy.py", keys, tmp_path, "--folder", str(root), "--task", "normal_bacterial_viral")
+    assert values["seeds"] == "1"
+    assert all(0 <= float(values[k]) <= 1 for k in keys if k.startswith(("folder_acc", "folder_auroc", "folder_f1", "recall")))
+
+
+def test_speed_benchmark_gpu_mode_without_a_gpu_is_one_line(tmp_path: Path) -> None:
+    """--gpu on this CPU machine stops at once, naming what it needs (its figures come from a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: benchmarks/speed.py --gpu runs for real there")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--gpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --gpu needs a CUDA GPU")

@@ -28,7 +28,7 @@ def test_checkpoint_carries_preprocessing_and_the_chosen_threshold(cnn_run: Path
     data.setup()
     assert hparams["preprocessing"] == {
         "image_size": 28, "in_channels": 1, "mean": data.mean, "std": data.std, "class_names": ["NORMAL", "PNEUMONIA"],
-        "geometry": "crop",
+        "geometry": "crop", "normalization": "train",
         "task": {"name": "pneumonia", "classes": ["NORMAL", "PNEUMONIA"], "folders": [], "file_name_words": {}, "unknown": "refuse"},
     }
 

@@ -112,7 +112,7 @@ def test_a_huge_confusion_matrix_is_refused_before_it_is_drawn(tmp_path: Path, m
     metrics["confusion_matrix"]["matrix"] = [[1] * 300 for _ in range(300)]
     (sweep / "0" / "metrics.json").write_text(json.dumps(metrics))
     _, rows, _ = report(sweep, capsys)
-    assert rows[0]["status"] == "unreadable" and "class_names is not a list of 1 to" in rows[0]["error"]
+    assert rows[0]["status"] == "unreadable" and "class_names is not a list of 2 to 64 names" in rows[0]["error"]
 
 
 def test_a_yaml_alias_bomb_is_refused_without_expanding(tmp_path: Path, mlp_run: Path) -> None:

@@ -89,6 +89,11 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
         return f"temperature is {_kind(temperature) if type(temperature) not in (int, float) else temperature}, not a positive number"
     if type(hparams.get("pos_weight")) not in (int, float, type(None)):
         return f"pos_weight is {_kind(hparams['pos_weight'])}, not a number or None"
+    from xray_cls.task import MAX_CLASSES
+
+    classes = net.get("num_classes", 2)
+    if type(classes) is not int or not 2 <= classes <= MAX_CLASSES:
+        return f"net.num_classes={str(classes)[:20]} is not an integer from 2 to {MAX_CLASSES}"
     for group in ("preprocessing", "threshold_rule"):
         for key, value in (hparams.get(group) or {}).items():
             if not _is_plain(value, lists=True) and (group, key) != ("preprocessing", "task"):  # the task: task_problem
@@ -97,7 +102,18 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
 
     if hparams.get("calibration", "none") not in CALIBRATIONS:
         return f"calibration is {str(hparams['calibration'])[:50]!r}, not one of {', '.join(CALIBRATIONS)}"
-    return preprocessing_problem(hparams.get("preprocessing") or {})
+    return preprocessing_problem(hparams.get("preprocessing") or {}) or classes_problem(hparams, classes)
+
+
+def classes_problem(hparams: dict[str, Any], classes: int) -> str | None:
+    """A network's output width and its class weights must fit the class names it is read by."""
+    names = hparams["preprocessing"]["class_names"]
+    if classes != len(names):
+        return f"net.num_classes={classes} does not match the {len(names)} class_names of its preprocessing"
+    weight = hparams.get("class_weight")
+    if weight is not None and (type(weight) is not list or len(weight) != classes or not all(type(w) in (int, float) for w in weight)):
+        return f"class_weight is not None or a list of {classes} numbers"
+    return None
 
 
 PLAIN_TYPES = (bool, int, float, str, type(None))
@@ -123,9 +139,13 @@ def preprocessing_problem(prep: dict[str, Any]) -> str | None:
         return f"preprocessing.std={str(prep.get('std'))[:50]} is not a positive number"
     if "geometry" in prep and prep["geometry"] not in GEOMETRIES:
         return f"preprocessing.geometry={str(prep['geometry'])[:50]!r} is not one of {', '.join(GEOMETRIES)}"
+    from xray_cls.task import MAX_CLASSES
+
+    if prep.get("normalization", "train") not in ("train", "imagenet"):
+        return f"preprocessing.normalization={str(prep['normalization'])[:50]!r} is not train or imagenet"
     names = prep.get("class_names")
-    if type(names) is not list or len(names) != 2 or not all(type(n) is str and 0 < len(n) <= 100 for n in names):
-        return "preprocessing.class_names is not a list of 2 class names"
+    if type(names) is not list or not 2 <= len(names) <= MAX_CLASSES or not all(type(n) is str and 0 < len(n) <= 100 for n in names):
+        return f"preprocessing.class_names is not a list of 2 to {MAX_CLASSES} class names"
     return task_problem(prep.get("task"), names)
 
 
@@ -172,12 +192,15 @@ def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
     checkpoint = read_checkpoint(path, option)
     hparams = checkpoint["hyper_parameters"]
     check_state_dict(hparams["net"], checkpoint["state_dict"], f"{option}={path}")
-    trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule", "temperature", "calibration")  # never optimizer or scheduler
+    trusted = ("net", "threshold", "pos_weight", "preprocessing", "threshold_rule", "temperature", "calibration",
+               "class_weight")  # never optimizer or scheduler
     kept = {key: hparams[key] for key in trusted if key in hparams}
     if "preprocessing" in kept and kept["preprocessing"].get("task") is None:  # written before tasks: pneumonia
         from xray_cls.task import PNEUMONIA
 
         kept["preprocessing"] = {**kept["preprocessing"], "task": PNEUMONIA.record()}
+    if "preprocessing" in kept and "normalization" not in kept["preprocessing"]:  # before pretrained networks
+        kept["preprocessing"] = {**kept["preprocessing"], "normalization": "train"}
     try:
         module = XrayClassifier(**kept)
         module.load_state_dict(checkpoint["state_dict"])

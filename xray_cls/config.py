@@ -148,6 +148,9 @@ OPTIONS = {
         Option("loss.pos_weight", _pos_weight),
         number("loss.label_smoothing", 0, 1, high_open=True),
         number("model.dropout", 0, 1, high_open=True),
+        number("model.freeze_epochs", 0, integer=True),
+        number("model.backbone_lr_scale", 0, 1),
+        Option("model.download", lambda option, value: check_bool(option, value)),
         choice("checkpoint.mode", ("min", "max")),
         choice("checkpoint.test", ("best", "last")),
         number("callbacks.progress_bar.refresh_seconds", 0, low_open=True, expected="a number of seconds > 0"),
@@ -193,8 +196,11 @@ def check_options(cfg: DictConfig, command: str) -> None:
             option.check(option.key, value)
     if command == "train":
         from xray_cls.task import task_of_run
+        from xray_cls.train import check_for_classes
 
-        task_of_run(cfg.task, cfg.data)
+        task = task_of_run(cfg.task, cfg.data)
+        if not task.binary:  # a binary task's .npz may hold more labels: checked again once it is read
+            check_for_classes(cfg, len(task.classes))
 
 
 _ABSENT = object()

@@ -1,7 +1,7 @@
 """Averaged predictions: several checkpoints (an ensemble) and test-time augmentation (TTA).
 
 `evaluate` and `predict` take `ckpt=[a.ckpt,b.ckpt,c.ckpt]` and `tta=true`. The probability of
-PNEUMONIA is the mean of each member's calibrated probability (its own temperature), over the
+PNEUMONIA (of each class, for three or more) is the mean of each member's calibrated probability (its own temperature), over the
 views of each image: with tta, the image and four copies shifted by TTA_SHIFT of its side (up,
 down, left, right; the edge pixels repeated). No flips: left and right are not alike on a chest
 X-ray (the heart is on the left), and training never flips (data.aug shifts, zooms and changes
@@ -56,9 +56,13 @@ class AveragedProbabilities(nn.Module):
         self.tta = tta
 
     def forward(self, images: Tensor) -> Tensor:
+        from xray_cls.metrics import probabilities
+
         views = shifted_views(images) if self.tta else [images]
-        probs = [torch.sigmoid(net(view).double() / t) for net, t in zip(self.nets, self.temperatures) for view in views]
-        return torch.logit(torch.stack(probs).mean(0), eps=1e-12)
+        probs = torch.stack([probabilities(net(view).double(), t) for net, t in zip(self.nets, self.temperatures) for view in views])
+        mean = probs.mean(0)
+        # The logit of the mean probability; K classes: its log, whose softmax is the mean again.
+        return torch.logit(mean, eps=1e-12) if mean.dim() == 1 else mean.clamp(min=1e-12).log()
 
 
 def load_averaged(paths: list[str], tta: bool) -> XrayClassifier:

@@ -98,9 +98,12 @@ def evaluation_choices(cfg: DictConfig, module: Any, averaged: bool, recorded: d
     from xray_cls.val_choices import choose_threshold_on_val, val_predictions
 
     choices = module.choices
+    if cfg.threshold is not None and not module.binary:
+        raise UserInputError(f"threshold={cfg.threshold} applies to two classes; this model tells {module.num_classes} apart "
+                             "and calls each image its most probable class: expected threshold=null")
     if cfg.threshold is not None:
         return choices.with_threshold(cfg.threshold)
-    if not averaged:
+    if not averaged or not module.binary:  # K classes: the most probable class, averaged or not
         return choices
     val_data = evaluation_data(cfg, module.hparams.preprocessing, geometry, "val", recorded)
     logits, labels = val_predictions(module, val_data)

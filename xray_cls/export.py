@@ -4,7 +4,8 @@ Writes model.onnx (ONNX, for onnxruntime and other runtimes) or model.pt (TorchS
 `torch.jit.load`) and model.json beside it, to its output folder (`outputs/export/<date>/<time>/`).
 
 The model takes a batch of images as uint8 pixel values 0-255, shape (N, in_channels, size, size),
-and returns the probability of PNEUMONIA, float32 of shape (N,). The checkpoint's normalization
+and returns the probability of PNEUMONIA, float32 of shape (N,) (three or more classes: the
+probability of each class, (N, K), in the order of class_names). The checkpoint's normalization
 is inside the model. model.json says how to get there from a picture and what to do with the
 answer: image_size, in_channels, geometry ("crop": the centred square of the short side, then
 resized; "stretch": the whole picture resized), threshold (PNEUMONIA above it) and class_names.
@@ -33,7 +34,8 @@ INPUT_NAME, OUTPUT_NAME = "images", "probability"
 
 
 class ProbabilityModel(nn.Module):
-    """uint8 images (N, C, H, W) -> probability of PNEUMONIA (N,), normalizing as the run trained."""
+    """uint8 images (N, C, H, W) -> probability of PNEUMONIA (N,), or of each of K classes (N, K),
+    normalizing as the run trained."""
 
     def __init__(self, net: nn.Module, mean: float, std: float, temperature: float = 1.0) -> None:
         super().__init__()
@@ -43,8 +45,10 @@ class ProbabilityModel(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))  # the run's calibration
 
     def forward(self, images: Tensor) -> Tensor:
+        from xray_cls.metrics import probabilities
+
         x = (images.float() / 255 - self.mean) / self.std  # as xray_cls.data.normalize
-        return torch.sigmoid(self.net(x) / self.temperature)
+        return probabilities(self.net(x), self.temperature)
 
 
 def export(cfg: DictConfig) -> Path:
@@ -84,18 +88,33 @@ def sidecar(module: Any, model_path: Path, cfg: DictConfig) -> dict[str, Any]:
         "format": cfg.format,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "range": [0, 255],
                   "shape": ["batch", prep["in_channels"], prep["image_size"], prep["image_size"]]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"], "meaning": f"probability of {prep['class_names'][1]}"},
+        "output": output_record(prep["class_names"]),
         "image_size": prep["image_size"],
         "in_channels": prep["in_channels"],
         "geometry": trained_geometry(prep, cfg.ckpt),
-        "threshold": choices.threshold,
-        "threshold_rule": choices.rule_record(),
+        **decision_record(module),
         "class_names": list(prep["class_names"]),
         "normalization": {"mean": prep["mean"], "std": prep["std"], "note": "applied inside the model"},
         "temperature": {"value": choices.temperature, "note": "applied inside the model (1: uncalibrated)"},
         "network": network_name(module.hparams.net),
         "checkpoint": str(cfg.ckpt),
     }
+
+
+def output_record(names: list[str]) -> dict[str, Any]:
+    if len(names) == 2:
+        return {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"], "meaning": f"probability of {names[1]}"}
+    return {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(names)],
+            "meaning": f"probability of each class, in the order of class_names ({', '.join(names)})"}
+
+
+def decision_record(module: Any) -> dict[str, Any]:
+    """How to turn the output into a class: above the threshold, or the most probable class."""
+    if not module.binary:
+        from xray_cls.run_report import ARGMAX
+
+        return {"decision": ARGMAX}
+    return {"threshold": module.choices.threshold, "threshold_rule": module.choices.rule_record()}
 
 
 def write_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:

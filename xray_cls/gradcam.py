@@ -1,8 +1,9 @@
 """Grad-CAM (Selvaraju et al., 2017): where in an image the network found its evidence.
 
 The last convolution layer's feature maps are weighted by the mean gradient of the PNEUMONIA
-logit with respect to each of them; the positive part of the sum, upsampled to the input, is the
-map. High values mark the regions that pushed the prediction towards PNEUMONIA.
+logit (three or more classes: the logit of each image's predicted class) with respect to each of
+them; the positive part of the sum, upsampled to the input, is the map. High values mark the
+regions that pushed the prediction towards PNEUMONIA (towards the predicted class).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def grad_cam(net: nn.Module, images: Tensor) -> Tensor:
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)  # a graph even if the weights are frozen
             logits = net(images)
+            if logits.dim() == 2:  # K classes: each image's predicted class
+                logits = logits.gather(1, logits.argmax(1, keepdim=True))
             (grads,) = torch.autograd.grad(logits.sum(), captured[0])  # images are independent in eval
     finally:
         handle.remove()
@@ -58,13 +61,14 @@ def grad_cam(net: nn.Module, images: Tensor) -> Tensor:
     return (cams / peak[:, None, None]).float()
 
 
-def class_balanced_sample(labels: Tensor, n: int, seed: int) -> Tensor:
-    """Indices of up to n images, half of each class, the same for the same seed."""
+def class_balanced_sample(labels: Tensor, n: int, seed: int, num_classes: int = 2) -> Tensor:
+    """Indices of up to n images, an equal share of each class (the last ones take the remainder),
+    the same for the same seed."""
     generator = torch.Generator().manual_seed(seed)
     picked = []
-    for label in (0, 1):
+    for label in range(num_classes):
         members = torch.nonzero(labels == label).flatten()
-        share = n // 2 if label == 0 else n - n // 2
+        share = n // num_classes + (1 if label >= num_classes - n % num_classes else 0)
         picked.append(members[torch.randperm(len(members), generator=generator)[:share]])
     return torch.cat(picked)
 
@@ -83,7 +87,8 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> PILImage.
 
 def sample_figure(images: Tensor, cams: Tensor, probs: Tensor, labels: Tensor, threshold: float,
                   names: Sequence[str]) -> Figure:
-    """Overlays of a sample of test images in a grid, each titled with its true class and probability."""
+    """Overlays of a sample of test images in a grid, each titled with its true class and probability
+    (of the positive class; of the predicted class for three or more)."""
     from matplotlib.figure import Figure
 
     columns = min(4, len(images))
@@ -94,8 +99,12 @@ def sample_figure(images: Tensor, cams: Tensor, probs: Tensor, labels: Tensor, t
         if i >= len(images):
             continue
         ax.imshow(overlay(images[i, 0].numpy(), cams[i].numpy()))
-        called = names[int(probs[i] > threshold)]
-        ax.set_title(f"true {names[int(labels[i])]}\ncalled {called} (p={probs[i]:.2f})", fontsize=8)
+        if probs.dim() == 2:
+            label = int(probs[i].argmax())
+            called, p = names[label], float(probs[i, label])
+        else:
+            called, p = names[int(probs[i] > threshold)], float(probs[i])
+        ax.set_title(f"true {names[int(labels[i])]}\ncalled {called} (p={p:.2f})", fontsize=8)
     fig.suptitle("Grad-CAM, last convolution layer (test sample)", fontsize=9)
     return fig
 
@@ -107,10 +116,10 @@ def gradcam_sample_figure(module: Any, datamodule: Any, samples: int, seed: int)
         log.info("no Grad-CAM figure: the %s has no convolution layer", type(module.net).__name__)
         return {}
     test = datamodule.splits["test"]
-    index = class_balanced_sample(test.labels.cpu(), samples, seed)
+    names = module.hparams.preprocessing["class_names"]
+    index = class_balanced_sample(test.labels.cpu(), samples, seed, len(names))
     images, labels = test.images[index.to(test.images.device)].cpu(), test.labels[index.to(test.labels.device)].cpu()
     x = datamodule.preprocess(images.to(module.device))
     cams = grad_cam(module.net, x).cpu()
     probs = module.predict_probabilities(x).cpu()
-    names = module.hparams.preprocessing["class_names"]
     return {"gradcam": sample_figure(images, cams, probs, labels, module.threshold, names)}

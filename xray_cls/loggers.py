@@ -152,6 +152,21 @@ def log_params(loggers: list[Logger], hparams: dict[str, Any]) -> None:
             logger.log_hyperparams(hparams)
 
 
+def per_class_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Three or more classes: each class's test scores, as `test_per_class/<class>/<score>`, the class
+    name in the characters every tracker takes."""
+    import re
+
+    def tag(name: str) -> str:
+        return re.sub(r"[^\w.-]+", "_", name)
+
+    return {
+        f"test_per_class/{tag(name)}/{score}": value
+        for name, scores in (metrics.get("per_class") or {}).items()
+        for score, value in scores.items() if score != "support" and value is not None
+    }
+
+
 def log_results(loggers: list[Logger], metrics: dict[str, Any]) -> None:
     """At the end of the run: TensorBoard's HParams entry, then every logger is closed. The other
     loggers already have the test metrics.
@@ -166,9 +181,12 @@ def log_results(loggers: list[Logger], metrics: dict[str, Any]) -> None:
     hp_metrics.update({f"hparams/test_{k}": v for k, v in metrics["test"].items()})
     eces = {k: v for k, v in (metrics.get("calibration") or {}).items() if "_ece" in k}  # val_ece, test_ece, ...
     hp_metrics.update({f"hparams/{k}": v for k, v in eces.items()})
+    per_class = per_class_metrics(metrics)
     for logger in loggers:
         if eces:
             logger.log_metrics({f"calibration/{k}": v for k, v in eces.items()})
+        if per_class:
+            logger.log_metrics(per_class)
         if isinstance(logger, TensorBoardLogger) and "hparams" in metrics:  # evaluate's metrics have none
             logger.log_hyperparams(metrics["hparams"], metrics=hp_metrics)
         logger.finalize("success")

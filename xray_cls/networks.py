@@ -1,6 +1,8 @@
-"""The study's networks as plain nn.Modules: each maps (N, C, S, S) images to (N,) logits of PNEUMONIA.
+"""The study's networks as plain nn.Modules: each maps (N, C, S, S) images to (N,) logits of the
+positive class (PNEUMONIA) for two classes, or to (N, K) logits, one per class, for K >= 3.
 
-`in_channels` and `image_size` come from the data at run time, the rest from `conf/model/`.
+`in_channels`, `image_size` and `num_classes` come from the data and the task at run time, the rest
+from `conf/model/`.
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ from torch import Tensor, nn
 
 from xray_cls.config import check_choice, check_number
 from xray_cls.errors import UserInputError
+from xray_cls.heads import class_logits, output_width
 
 
 def _check_dropout(dropout: float) -> float:
     return float(check_number("model.dropout", dropout, 0, 1, high_open=True))
 
 
-def dense_head(in_features: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
-    """Dense layers (ReLU, then dropout when > 0) ending in one logit."""
+def dense_head(in_features: int, hidden: Sequence[int], dropout: float, num_classes: int = 2) -> nn.Sequential:
+    """Dense layers (ReLU, then dropout when > 0) ending in the logits (`output_width`)."""
     layers: list[nn.Module] = []
     for width in hidden:
         layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         in_features = width
-    layers.append(nn.Linear(in_features, 1))
+    layers.append(nn.Linear(in_features, output_width(num_classes)))
     return nn.Sequential(*layers)
 
 
@@ -39,13 +42,14 @@ class MLP(nn.Module):
         image_size: int,
         hidden: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        num_classes: int = 2,
     ) -> None:
         super().__init__()
         self.flatten = nn.Flatten()
-        self.head = dense_head(in_channels * image_size * image_size, hidden, _check_dropout(dropout))
+        self.head = dense_head(in_channels * image_size * image_size, hidden, _check_dropout(dropout), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.flatten(x)).squeeze(1)
+        return class_logits(self.head(self.flatten(x)))
 
 
 class CNN(nn.Module):
@@ -59,6 +63,7 @@ class CNN(nn.Module):
         kernel_size: int = 3,
         hidden: Sequence[int] = (128,),
         dropout: float = 0.5,
+        num_classes: int = 2,
     ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
@@ -74,10 +79,10 @@ class CNN(nn.Module):
             raise UserInputError(f"data.image_size={image_size} is too small for {len(channels)} pooling stages")
         self.features = nn.Sequential(*blocks)
         self.flatten = nn.Flatten()
-        self.head = dense_head(in_channels * size * size, hidden, _check_dropout(dropout))
+        self.head = dense_head(in_channels * size * size, hidden, _check_dropout(dropout), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.flatten(self.features(x))).squeeze(1)
+        return class_logits(self.head(self.flatten(self.features(x))))
 
 
 class ResNet(nn.Module):
@@ -95,6 +100,7 @@ class ResNet(nn.Module):
         widths: Sequence[int] = (16, 32, 64),
         blocks_per_stage: int = 2,
         dropout: float = 0.2,
+        num_classes: int = 2,
     ) -> None:
         from torchvision.models.resnet import BasicBlock  # only runs that use it pay the import
 
@@ -117,26 +123,21 @@ class ResNet(nn.Module):
         self.features = nn.Sequential(*stem, *blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         dropout = _check_dropout(dropout)
-        self.head = nn.Sequential(*([nn.Dropout(dropout)] if dropout > 0 else []), nn.Linear(channels, 1))
+        self.head = nn.Sequential(*([nn.Dropout(dropout)] if dropout > 0 else []), nn.Linear(channels, output_width(num_classes)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.pool(self.features(x))).squeeze(1)
+        return class_logits(self.head(self.pool(self.features(x))))
 
 
 HEADS = ("logit", "softmax2")
 
 
-def binary_head(in_features: int, head: str) -> nn.Linear:
-    """The output layer: one logit (`logit`), or the two-way softmax of a Keras model (`softmax2`),
-    whose two outputs the network turns into the same one logit (see `as_logit`)."""
+def output_layer(in_features: int, head: str, num_classes: int) -> nn.Linear:
+    """The output layer: one logit (`logit`), or for two classes the two-way softmax of a Keras model
+    (`softmax2`), whose two outputs become the same one logit (see `class_logits`). Three or more
+    classes get one logit per class either way: a softmax over them."""
     check_choice("model.head", head, HEADS)
-    return nn.Linear(in_features, 1 if head == "logit" else 2)
-
-
-def as_logit(outputs: Tensor) -> Tensor:
-    """(N, 1) -> (N,); a softmax pair (N, 2) -> z1 - z0, whose sigmoid is the softmax's probability
-    of class 1 and whose binary cross-entropy is the pair's cross-entropy: the same model."""
-    return outputs[:, 1] - outputs[:, 0] if outputs.shape[1] == 2 else outputs.squeeze(1)
+    return nn.Linear(in_features, 2 if head == "softmax2" and num_classes == 2 else output_width(num_classes))
 
 
 class ReportCNN(nn.Module):
@@ -146,7 +147,7 @@ class ReportCNN(nn.Module):
 
     REPORTED = (510_850, 256, "softmax2")  # the report's parameter count, at this image size and head
 
-    def __init__(self, in_channels: int, image_size: int, dropout: float = 0.5, head: str = "logit") -> None:
+    def __init__(self, in_channels: int, image_size: int, dropout: float = 0.5, head: str = "logit", num_classes: int = 2) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
@@ -156,10 +157,10 @@ class ReportCNN(nn.Module):
         if size < 1:
             raise UserInputError(f"data.image_size={image_size} is too small for the report's CNN; expected at least 10")
         dropout = _check_dropout(dropout)
-        self.head = nn.Sequential(nn.Flatten(), *([nn.Dropout(dropout)] if dropout > 0 else []), binary_head(64 * size * size, head))
+        self.head = nn.Sequential(nn.Flatten(), *([nn.Dropout(dropout)] if dropout > 0 else []), output_layer(64 * size * size, head, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
-        return as_logit(self.head(self.features(x)))
+        return class_logits(self.head(self.features(x)))
 
 
 class ReportDense(nn.Module):
@@ -179,6 +180,7 @@ class ReportDense(nn.Module):
         activation: str = "relu",
         dropout: float = 0.5,
         head: str = "logit",
+        num_classes: int = 2,
     ) -> None:
         super().__init__()
         activations = {"relu": nn.ReLU, "linear": nn.Identity}
@@ -190,19 +192,23 @@ class ReportDense(nn.Module):
         self.pixels = nn.Sequential(*layers)
         dropout = _check_dropout(dropout)
         self.head = nn.Sequential(
-            nn.Flatten(), *([nn.Dropout(dropout)] if dropout > 0 else []), binary_head(in_channels * image_size * image_size, head)
+            nn.Flatten(), *([nn.Dropout(dropout)] if dropout > 0 else []), output_layer(in_channels * image_size * image_size, head, num_classes)
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return as_logit(self.head(self.pixels(x)))
+        return class_logits(self.head(self.pixels(x)))
 
 
-# The networks a config or a checkpoint may name, by exact `_target_`: every nn.Module defined above.
+# The networks a config or a checkpoint may name, by exact `_target_`: every nn.Module defined
+# above, and torchvision's and timm's by their exact builder names (xray_cls.backbones).
 NETWORKS: dict[str, type[nn.Module]] = {
     f"{__name__}.{obj.__name__}": obj
     for obj in list(globals().values())
     if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == __name__
 }
+from xray_cls.backbones import TimmNet, TorchvisionNet  # noqa: E402  (they build on no network of this module)
+
+NETWORKS.update({f"xray_cls.backbones.{net.__name__}": net for net in (TorchvisionNet, TimmNet)})
 
 
 def build_network(cfg: Mapping[str, Any]) -> nn.Module:

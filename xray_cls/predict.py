@@ -5,8 +5,8 @@ their threshold is `threshold=` (the one `evaluate` chose on val for the same av
 first checkpoint's, with a warning.
 
 Writes predictions.csv (path, probability of the positive class, `probability_pneumonia` for
-task=pneumonia, the label at the run's threshold) to its
-output folder (`outputs/predict/<date>/<time>/`), and with gradcam=true one overlay PNG per image
+task=pneumonia, the label at the run's threshold; for three or more classes one probability
+column per class and the most probable class) to its output folder (`outputs/predict/<date>/<time>/`), and with gradcam=true one overlay PNG per image
 under gradcam/, mirroring the input folder. A folder is searched recursively; files that are not
 images are skipped and counted. Unreadable images are named in the log, one line each; the others
 are predicted and written, and then the command fails (exit status 2), so that a script notices.
@@ -33,12 +33,20 @@ log = logging.getLogger(__name__)
 
 # gradcam: the overlay's path relative to the CSV's folder, so that the folder can be moved whole.
 def csv_columns(names: list[str]) -> list[str]:
+    if len(names) > 2:
+        return ["path", *probability_columns(names), "predicted_label", "gradcam"]
     return ["path", probability_column(names), "predicted_label", "threshold", "gradcam"]
 
 
-def probability_column(names: list[str]) -> str:
-    """probability_<the positive class>, in lower case and word characters: probability_pneumonia."""
-    return "probability_" + re.sub(r"\W+", "_", names[-1].lower()).strip("_")
+def probability_column(names: list[str], name: str | None = None) -> str:
+    """probability_<the positive class, or `name`>, in lower case and word characters: probability_pneumonia."""
+    return "probability_" + re.sub(r"\W+", "_", (name or names[-1]).lower()).strip("_")
+
+
+def probability_columns(names: list[str]) -> list[str]:
+    """One column per class; classes that would share a column name get their label number."""
+    columns = [probability_column(names, n) for n in names]
+    return [c if columns.count(c) == 1 else f"{c}_{i}" for i, c in enumerate(columns)]
 OVERLAY_SIDE = (224, 512)  # overlays are drawn with the longer side in this range
 PREDICT_BATCH_BYTES = 2**28
 
@@ -133,8 +141,11 @@ def predicting_model(cfg: DictConfig) -> tuple[Any, float]:
             f"gradcam=true needs a network with convolution layers; the {type(module.net).__name__} of "
             f"ckpt={cfg.ckpt} has none (train model=cnn or model=resnet, or leave gradcam=false)"
         )
+    if not module.binary and cfg.threshold is not None:
+        raise UserInputError(f"threshold={cfg.threshold} applies to two classes; this model tells {module.num_classes} apart "
+                             "and calls each image its most probable class: expected threshold=null")
     threshold = float(cfg.threshold) if cfg.threshold is not None else module.choices.threshold
-    if averaged and cfg.threshold is None:
+    if averaged and cfg.threshold is None and module.binary:
         log.warning(
             "threshold %.4f is the one ckpt=%s chose for itself; for the averaged probabilities pass the threshold "
             "that `python -m xray_cls.evaluate` chooses on val for the same ckpt and tta (threshold=...)", threshold, ckpts[0],
@@ -159,18 +170,22 @@ def predicted_rows(cfg: DictConfig, module: Any, threshold: float, found: InputF
         if not paths:
             continue
         x = normalize(images, prep["mean"], prep["std"])
-        probs = module.predict_probabilities(x).tolist()
+        probs = module.predict_probabilities(x)
+        called = module.decisions(probs, threshold).tolist()
         cams = grad_cam(module.net, x).numpy() if cfg.gradcam else None
-        for i, (path, prob) in enumerate(zip(paths, probs)):
+        for i, (path, prob) in enumerate(zip(paths, probs.tolist())):
             overlay_path = None
             if cams is not None:
                 overlay_path = out_dir / "gradcam" / path.relative_to(root).with_name(path.name + ".png")  # a.jpeg and a.png both kept
                 save_overlay(path, cams[i], geometry, overlay_path)
+            if module.binary:
+                shown = {column: f"{prob:.6f}", "threshold": f"{threshold:.6f}"}
+            else:
+                shown = {c: f"{p:.6f}" for c, p in zip(probability_columns(names), prob)}
             rows.append({
                 "path": path_text(path),
-                column: f"{prob:.6f}",
-                "predicted_label": names[int(prob > threshold)],
-                "threshold": f"{threshold:.6f}",
+                **shown,
+                "predicted_label": names[called[i]],
                 "gradcam": path_text(overlay_path.relative_to(out_dir)) if overlay_path else "",  # beside the CSV
             })
     return rows
@@ -188,9 +203,12 @@ def write_predictions(cfg: DictConfig, rows: list[dict[str, Any]], found: InputF
         raise UserInputError(f"input={input_path}: none of its {len(found.images)} image file(s) could be read")
     csv_path = out_dir / "predictions.csv"
     write_csv(csv_path, rows, csv_columns(names))
-    called = sum(r["predicted_label"] == names[-1] for r in rows)
+    if len(names) == 2:
+        called = f"{sum(r['predicted_label'] == names[-1] for r in rows)} called {names[-1]} at threshold {threshold:.4f}"
+    else:
+        called = ", ".join(f"{sum(r['predicted_label'] == n for r in rows)} {n}" for n in names) + " (the most probable class)"
     print(
-        f"predicted {len(rows)} image(s), {called} called {names[-1]} at threshold {threshold:.4f}: {csv_path}\n"
+        f"predicted {len(rows)} image(s), {called}: {csv_path}\n"
         f"skipped {found.not_images} file(s) that are not images and {len(found.unreadable)} unreadable image(s)"
         + (f"; Grad-CAM overlays in {out_dir / 'gradcam'}" if cfg.gradcam else ""),
         flush=True,

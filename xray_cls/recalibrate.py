@@ -31,11 +31,12 @@ def recalibrate(cfg: DictConfig) -> dict[str, Any]:
     from xray_cls.data import trained_geometry
     from xray_cls.evaluate import evaluation_data
     from xray_cls.files import write_json
-    from xray_cls.site import checkpoint_with, files_digest, operating_point, recalibrated_choices
+    from xray_cls.site import check_two_classes, checkpoint_with, files_digest, operating_point, recalibrated_choices
     from xray_cls.val_choices import val_predictions
 
     with checkpoint_command(cfg, "recalibrate", ["recalibrated.ckpt"], "a recalibrated checkpoint") as out_dir:
         module = load_classifier(cfg.ckpt)
+        check_two_classes(module, "recalibrate", cfg.ckpt)
         prep = module.hparams.preprocessing
         datamodule = evaluation_data(cfg, prep, trained_geometry(prep, cfg.ckpt), "test", {})
         logits, labels = val_predictions(module, datamodule, "test")

@@ -23,6 +23,10 @@ CURVES_LAYOUT = {
     }
 }
 
+ARGMAX = "the most probable class (argmax of the softmax)"  # how K >= 3 classes decide
+MACRO = "precision, recall, specificity, F1 and AUROC (one vs rest) are means over the classes; accuracy is over the images"
+TOP_CLASS = "the top-class probability, against whether that class is right"
+
 SCORE_LABELS = {
     "accuracy": "accuracy",
     "precision": "precision",
@@ -88,15 +92,23 @@ def evaluation_metrics(results: dict[str, Any], choices: ValChoices, resamples: 
 
     check_number("bootstrap.resamples", resamples, 0, integer=True, expected="0 (no intervals) or a positive integer")
     matrix = results["confusion_matrix"]
+    if len(names) == 2:
+        decision = {"positive_class": names[-1], "threshold": choices.threshold, "threshold_rule": choices.rule_record()}
+        cells = confusion_cells(matrix)
+    else:
+        decision, cells = {"decision": ARGMAX}, {}
     metrics = {
         "class_names": names,
-        "positive_class": names[-1],
-        "threshold": choices.threshold,
-        "threshold_rule": choices.rule_record(),
+        **decision,
         "n_test": sum(map(sum, matrix)),
-        "confusion_matrix": {"rows": "true class", "columns": "predicted class", "matrix": matrix, **confusion_cells(matrix)},
+        "confusion_matrix": {"rows": "true class", "columns": "predicted class", "matrix": matrix, **cells},
         "test": results["scores"],
     }
+    if len(names) > 2:
+        from xray_cls.metrics import per_class_scores
+
+        metrics["averaging"] = MACRO
+        metrics["per_class"] = per_class_scores(matrix, results["probs"], results["labels"], names)
     if resamples:
         intervals = bootstrap_intervals(results["probs"], results["labels"], choices.threshold, resamples, confidence, seed)
         metrics["test_ci"] = {"confidence": confidence, "resamples": resamples, **intervals}
@@ -106,19 +118,21 @@ def evaluation_metrics(results: dict[str, Any], choices: ValChoices, resamples: 
 def calibration_metrics(results: dict[str, Any], temperature: float, val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
     """metrics.json's `calibration`: the temperature, the ECE of the probabilities as reported (and
     before temperature scaling, when there is one) on test and, for a run, on val; and the bins of
-    each reliability diagram."""
-    from xray_cls.metrics import CALIBRATION_BINS, calibration_error, reliability_bins
+    each reliability diagram. K classes: of the top-class probability."""
+    from xray_cls.metrics import CALIBRATION_BINS, calibration_error, probabilities, reliability_bins
 
     splits = {"test": (results["logits"], results["labels"])}
     if val is not None:
         splits["val"] = val
     section: dict[str, Any] = {"bins": CALIBRATION_BINS, "temperature": temperature}
+    if results["logits"].dim() == 2:
+        section["of"] = TOP_CLASS
     reliability = {}
     for name, (logits, labels) in splits.items():
-        probs = torch.sigmoid(logits.double() / temperature)
+        probs = probabilities(logits.double(), temperature)
         section[f"{name}_ece"] = calibration_error(probs, labels)
         if temperature != 1.0:
-            section[f"{name}_ece_uncalibrated"] = calibration_error(torch.sigmoid(logits.double()), labels)
+            section[f"{name}_ece_uncalibrated"] = calibration_error(probabilities(logits.double()), labels)
         reliability[name] = reliability_bins(probs, labels)
     section["reliability"] = reliability
     return section
@@ -154,12 +168,19 @@ def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> 
     return fig
 
 
-def curve_figure(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, title: str) -> Figure:
+def curve_figure(x: torch.Tensor | list[torch.Tensor], y: torch.Tensor | list[torch.Tensor], xlabel: str, ylabel: str,
+                 title: str, names: list[str] | None = None) -> Figure:
+    """One curve; or, given lists and the class `names`, one curve per class (one vs the rest)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4, 4), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(x.numpy(), y.numpy())
+    if isinstance(x, list):
+        for xs, ys, name in zip(x, y, names or []):
+            ax.plot(xs.numpy(), ys.numpy(), label=f"{name} vs rest")
+        ax.legend(fontsize="small")
+    else:
+        ax.plot(x.numpy(), y.numpy())
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(xlabel)
@@ -169,8 +190,9 @@ def curve_figure(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, tit
     return fig
 
 
-def reliability_figure(calibration: dict[str, Any], positive: str) -> Figure:
-    """Fraction of positive (PNEUMONIA) images against the mean probability, per bin, for test (and val)."""
+def reliability_figure(calibration: dict[str, Any], positive: str | None) -> Figure:
+    """Fraction of positive (PNEUMONIA) images against the mean probability, per bin, for test (and
+    val); K classes (`positive` None): the fraction called right against the top-class probability."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.4, 4.4), layout="constrained")
@@ -181,8 +203,8 @@ def reliability_figure(calibration: dict[str, Any], positive: str) -> Figure:
         ax.plot(*zip(*points), marker="o", label=f"{name} (ECE {calibration[f'{name}_ece']:.3f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel(f"mean predicted probability of {positive}")
-    ax.set_ylabel(f"fraction {positive}")
+    ax.set_xlabel(f"mean predicted probability of {positive}" if positive else "mean top-class probability")
+    ax.set_ylabel(f"fraction {positive}" if positive else "fraction called right")
     temperature = calibration["temperature"]
     ax.set_title(f"reliability, {calibration['bins']} bins" + (f", temperature {temperature:.3f}" if temperature != 1 else ""))
     ax.grid(alpha=0.3)
@@ -194,10 +216,12 @@ def make_test_figures(results: dict[str, Any], class_names: list[str]) -> dict[s
     fpr, tpr = results["roc"]
     precision, recall = results["pr_curve"]
     scores = results["scores"]
+    macro = " macro" if len(class_names) > 2 else ""
     return {
         "confusion_matrix": confusion_matrix_figure(results["confusion_matrix"], class_names),
-        "roc_curve": curve_figure(fpr, tpr, "false positive rate", "true positive rate", f"ROC (AUROC {scores['auroc']:.3f})"),
-        "pr_curve": curve_figure(recall, precision, "recall", "precision", "precision-recall"),
+        "roc_curve": curve_figure(fpr, tpr, "false positive rate", "true positive rate", f"ROC (AUROC{macro} {scores['auroc']:.3f})",
+                                  class_names),
+        "pr_curve": curve_figure(recall, precision, "recall", "precision", "precision-recall", class_names),
     }
 
 
@@ -209,6 +233,8 @@ def save_figures(figures: dict[str, Figure], folder: Path) -> None:
 
 
 def format_test_table(metrics: dict[str, Any], title: str = "Test results") -> str:
+    if len(metrics["class_names"]) > 2:
+        return format_multiclass_table(metrics, title)
     names = metrics["class_names"]
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
     width = max(len(n) for n in names) + 2
@@ -225,6 +251,26 @@ def format_test_table(metrics: dict[str, Any], title: str = "Test results") -> s
     return "\n".join(lines)
 
 
+def format_multiclass_table(metrics: dict[str, Any], title: str) -> str:
+    """The K-class table: accuracy and the macro scores, each class's scores, the K x K matrix."""
+    names = metrics["class_names"]
+    width = max(8, *(len(n) for n in names)) + 2
+    per_class = metrics["per_class"]
+    lines = [
+        f"{title}: {metrics['n_test']} images, {len(names)} classes, each image called its most probable class",
+        *(f"  {label + ('' if key == 'accuracy' else ' (macro)'):<30}{metrics['test'][key]:.4f}{_interval(metrics, key)}"
+          for key, label in SCORE_LABELS.items()),
+        *_calibration_lines(metrics, 30),
+        f"  {'class':<{width}}{'precision':>10}{'recall':>10}{'F1':>10}{'AUROC':>10}{'images':>8}",
+        *(f"  {n:<{width}}{s['precision']:>10.4f}{s['recall']:>10.4f}{s['f1']:>10.4f}"
+          f"{'' if s['auroc'] is None else format(s['auroc'], '.4f'):>10}{s['support']:>8}" for n, s in per_class.items()),
+        "  confusion matrix (rows true, columns predicted):",
+        f"  {'':<{width}}" + "".join(f"{n:>{width}}" for n in names),
+        *(f"  {n:<{width}}" + "".join(f"{c:>{width}}" for c in row) for n, row in zip(names, metrics["confusion_matrix"]["matrix"])),
+    ]
+    return "\n".join(lines)
+
+
 def _rule_text(metrics: dict[str, Any]) -> str:
     rule = metrics["threshold_rule"]
     if rule["rule"] == "fixed":
@@ -235,11 +281,11 @@ def _rule_text(metrics: dict[str, Any]) -> str:
     )
 
 
-def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
+def _calibration_lines(metrics: dict[str, Any], width: int = 22) -> list[str]:
     calibration = metrics.get("calibration")
     if not calibration:
         return []
-    line = f"  {'ECE (' + str(calibration['bins']) + ' bins)':<22}{calibration['test_ece']:.4f}"
+    line = f"  {'ECE (' + str(calibration['bins']) + ' bins)':<{width}}{calibration['test_ece']:.4f}"
     if "test_ece_uncalibrated" in calibration:
         line += f"  (temperature {calibration['temperature']:.4f}; {calibration['test_ece_uncalibrated']:.4f} before)"
     return [line]
@@ -294,7 +340,7 @@ def write_report(trainer: Any, module: Any, datamodule: Any, results: dict[str, 
     from xray_cls.loggers import log_figures, log_results
 
     figures = make_test_figures(results, metrics["class_names"])
-    figures["reliability_diagram"] = reliability_figure(metrics["calibration"], metrics["positive_class"])
+    figures["reliability_diagram"] = reliability_figure(metrics["calibration"], metrics.get("positive_class"))
     if gradcam and cfg.gradcam_samples > 0:
         figures.update(gradcam_sample_figure(module, datamodule, cfg.gradcam_samples, cfg.seed))
     save_figures(figures, out_dir / "figures")

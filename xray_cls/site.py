@@ -135,6 +135,15 @@ def in_batches(images: Tensor, size: int = ADAPT_BATCH) -> Iterable[Tensor]:
     return (images[i : i + size] for i in range(0, len(images), size))
 
 
+def check_two_classes(module: Any, what: str, ckpt: Any) -> None:
+    """Recalibration moves a threshold on one probability; a model of three or more classes has none."""
+    if not module.binary:
+        raise UserInputError(
+            f"{what} recalibrates the threshold of a two-class model; ckpt={ckpt} tells {module.num_classes} classes apart "
+            "and calls each image its most probable class; expected a checkpoint of a two-class task"
+        )
+
+
 def recalibrated_choices(choices: ValChoices, logits: Tensor, labels: Tensor, target_sensitivity: float,
                          names: Sequence[str] = PNEUMONIA.classes) -> ValChoices:
     """The temperature (when `choices` have one) and the threshold by `choices`' own rule, chosen on

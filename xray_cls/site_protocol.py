@@ -39,8 +39,9 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
 
     from xray_cls.checkpoint import read_checkpoint, write_checkpoint
     from xray_cls.run_report import tested, write_report
-    from xray_cls.site import checkpoint_with
+    from xray_cls.site import check_two_classes, checkpoint_with
 
+    check_two_classes(module, "site.calibration_fraction (the site protocol)", ckpt)
     split = datamodule.splits["test"]
     names = module.hparams.preprocessing["class_names"]
     calibration, test, parts = site_parts(split, cfg.site.calibration_fraction, cfg.site.seed, names)

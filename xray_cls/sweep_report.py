@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from xray_cls import course_report
 from xray_cls.files import atomic_write, path_text, write_csv, write_text
+from xray_cls.task import MAX_CLASSES  # the confusion matrix a run's metrics.json may hold is at most this square
 from xray_cls.untrusted import UnreadableFile, markdown_code, value_at, markdown_text, one_line, plot_text, read_json, read_string_list
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ METRIC_COLUMNS = [
     ("auroc", "test AUROC"),
 ]
 TEST_SCORES = ["accuracy", "precision", "recall", "specificity", "f1", "auroc"]
-CELLS = ("tn", "fp", "fn", "tp")
-MAX_CLASSES = 2  # the confusion matrix a run's metrics.json may hold: NORMAL, PNEUMONIA
+CELLS = ("tn", "fp", "fn", "tp")  # two classes' matrix; three or more leave these columns empty
 BAR_METRICS = ["accuracy", "precision", "recall", "specificity"]
 
 
@@ -81,7 +81,7 @@ class Run:
             "val_loss": last.get("loss/val"),
             "val_acc": last.get("acc/val"),
             "threshold": m["threshold"],
-            **{k: cells[k] for k in ("tn", "fp", "fn", "tp")},
+            **{k: cells.get(k) for k in CELLS},
             **{k: m["test"][k] for k in TEST_SCORES},
         }
 
@@ -167,8 +167,9 @@ def checked_metrics(data: Any, path: Path) -> dict[str, Any]:
     """The parts of a run's metrics.json that the report uses, each checked to be what a run writes."""
     class_names = value_at(data, path, "class_names", kind=list)
     matrix = value_at(data, path, "confusion_matrix", "matrix", kind=list)
-    if not 0 < len(class_names) <= MAX_CLASSES or not all(isinstance(n, str) for n in class_names):
-        raise UnreadableFile(path, f"class_names is not a list of 1 to {MAX_CLASSES} names")
+    if not 2 <= len(class_names) <= MAX_CLASSES or not all(isinstance(n, str) for n in class_names):
+        raise UnreadableFile(path, f"class_names is not a list of 2 to {MAX_CLASSES} names")
+    binary = len(class_names) == 2
     square = all(isinstance(row, list) and len(row) == len(class_names) for row in matrix) and len(matrix) == len(class_names)
     if not square or not all(type(n) is int and n >= 0 for row in matrix for n in row):
         raise UnreadableFile(path, f"confusion_matrix.matrix is not a {len(class_names)}x{len(class_names)} matrix of counts")
@@ -178,7 +179,7 @@ def checked_metrics(data: Any, path: Path) -> dict[str, Any]:
         raise UnreadableFile(path, "best_checkpoint.mode is neither min nor max")
     return {
         "class_names": [one_line(n, 60) for n in class_names],
-        "confusion_matrix": {"matrix": matrix, **{k: value_at(data, path, "confusion_matrix", k, kind=int) for k in CELLS}},
+        "confusion_matrix": {"matrix": matrix, **({k: value_at(data, path, "confusion_matrix", k, kind=int) for k in CELLS} if binary else {})},
         "last_epoch": {k: value_at(last_epoch, path, k) for k in ("loss/train", "acc/train", "loss/val", "acc/val") if k in last_epoch},
         "best_checkpoint": {
             "score": value_at(data, path, "best_checkpoint", "score", optional=True),
@@ -186,8 +187,9 @@ def checked_metrics(data: Any, path: Path) -> dict[str, Any]:
             "mode": mode,
         },
         "params": {"total": value_at(data, path, "params", "total", kind=int)},
-        "threshold": value_at(data, path, "threshold"),
-        "threshold_rule": {"rule": one_line(value_at(data, path, "threshold_rule", "rule", kind=str), 60)},
+        # three or more classes have no threshold: each image is called its most probable class
+        "threshold": value_at(data, path, "threshold") if binary else None,
+        "threshold_rule": {"rule": one_line(value_at(data, path, "threshold_rule", "rule", kind=str), 60) if binary else "argmax"},
         "test": {k: value_at(data, path, "test", k) for k in TEST_SCORES},
     }
 
@@ -273,7 +275,8 @@ def chosen_on_val(ranking: Ranking, own: dict[str, list[str]]) -> list[str]:
         f"{markdown_text(ranking.monitor)} "
         f"{m['best_checkpoint']['score']:.4f} at its best checkpoint, the {'lowest' if ranking.mode == 'min' else 'highest'} "
         f"of {len(ranking.ranked)} finished run(s).",
-        f"Its test figures, at threshold {m['threshold']:.4f} ({markdown_text(rule)}): {scores}.",
+        (f"Its test figures, at threshold {m['threshold']:.4f} ({markdown_text(rule)}): {scores}." if m["threshold"] is not None else
+         f"Its test figures, {len(m['class_names'])} classes, each image called its most probable (macro averages): {scores}."),
         "",
     ]
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
 from xray_cls.cli import error_line, exit_on_user_error, quiet_libraries, run_error
-from xray_cls.config import CONFIG_DIR, check_number, check_options, in_multirun
+from xray_cls.config import CONFIG_DIR, check_number, check_options, in_multirun, is_number
 from xray_cls.errors import RunInterrupted, UserInputError
 from xray_cls.files import write_csv, write_json
 
@@ -115,15 +115,24 @@ def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from xray_cls.classifier import XrayClassifier
+    from xray_cls.pretrained import IMAGENET_GRAY, Pretraining, load_weights
     from xray_cls.run_report import network_summary
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, seed=cfg.seed, task=cfg.task)
     datamodule.setup("fit")
+    num_classes = len(datamodule.class_names)  # an .npz's labels may add classes to the task's
+    check_for_classes(cfg, num_classes)
     if rank_zero_only.rank == 0 and not (folder.path / "splits.csv").exists():  # a resumed run keeps its own
         write_csv(folder.path / "splits.csv", datamodule.split_rows(), SPLITS_COLUMNS)
     net_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "in_channels": datamodule.in_channels,
                "image_size": datamodule.image_size}
+    pretraining = Pretraining.pop_from(net_cfg)  # model.weights, ...: how to start, not what to build
+    if pretraining.weights is not None:  # pretrained filters expect the pixels scaled as in their training
+        datamodule.use_normalization("imagenet", *IMAGENET_GRAY)
+    if num_classes > 2:  # two classes' networks keep the arguments of earlier checkpoints
+        net_cfg["num_classes"] = num_classes
+    train_counts = datamodule.splits["train"].class_counts(num_classes)
     if folder.resume_from is not None:
         continue_run(cfg, folder, net_cfg)
     module = XrayClassifier(
@@ -131,10 +140,15 @@ def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         threshold=cfg.threshold,
-        pos_weight=positive_class_weight(cfg.loss.pos_weight, datamodule.splits["train"].class_counts()),
+        pos_weight=positive_class_weight(cfg.loss.pos_weight, train_counts) if num_classes == 2 else None,
+        class_weight=class_weights(cfg.loss.get("class_weight"), train_counts) if num_classes > 2 else None,
         preprocessing=datamodule.preprocessing(),
         label_smoothing=label_smoothing(cfg.loss.get("label_smoothing", 0.0)),
+        fine_tuning=pretraining.fine_tuning,
     )
+    check_fine_tuning(cfg, pretraining, module.net)
+    if folder.resume_from is None:  # a resumed run's checkpoint holds its weights: nothing else is read
+        load_weights(module.net, pretraining)
     log.info("network:\n%s", network_summary(module.net, (datamodule.in_channels, datamodule.image_size, datamodule.image_size)))
     return datamodule, module
 
@@ -242,6 +256,55 @@ def positive_class_weight(setting: float | str | None, class_counts: list[int]) 
     return float(check_number("loss.pos_weight", setting, 0, low_open=True, expected="null, balanced or a positive number"))
 
 
+def check_for_classes(cfg: DictConfig, num_classes: int) -> None:
+    """The options that apply to two classes only, or to three or more only, each refused in one
+    line where they do not, before anything is trained."""
+    from xray_cls.val_choices import check_rule_applies
+
+    check_rule_applies(cfg.threshold_rule, num_classes)
+    class_weight = cfg.loss.get("class_weight")
+    if num_classes == 2 and class_weight is not None:
+        raise UserInputError(f"loss.class_weight={class_weight} weighs three or more classes; this task has two: "
+                             "expected loss.pos_weight (null, balanced or a number) and loss.class_weight=null")
+    if num_classes > 2 and cfg.loss.pos_weight is not None:
+        raise UserInputError(f"loss.pos_weight={cfg.loss.pos_weight} weighs the positive class of two; this task has "
+                             f"{num_classes} classes: expected loss.class_weight (null, balanced or a list of {num_classes} numbers) "
+                             "and loss.pos_weight=null")
+    if num_classes > 2 and class_weight is not None and class_weight != "balanced":
+        class_weights(class_weight, [1] * num_classes)
+
+
+def check_fine_tuning(cfg: DictConfig, pretraining: Any, net: Any) -> None:
+    """model.freeze_epochs and backbone_lr_scale need a backbone; freezing under DDP needs DDP to
+    expect parameters without gradients."""
+    if pretraining.fine_tuning is None:
+        return
+    if not hasattr(net, "backbone_parameters"):
+        raise UserInputError(f"model.freeze_epochs and model.backbone_lr_scale fine-tune a pretrained backbone; the "
+                             f"{type(net).__name__} has none: expected model=torchvision, model=timm or one of their configs")
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if pretraining.freeze_epochs and strategy.startswith("ddp") and "find_unused_parameters_true" not in strategy:
+        raise UserInputError(f"model.freeze_epochs={pretraining.freeze_epochs} with trainer.strategy={strategy}: DDP waits for the "
+                             "frozen parameters' gradients; expected trainer.strategy=ddp_find_unused_parameters_true")
+
+
+def class_weights(setting: Any, class_counts: list[int]) -> list[float] | None:
+    """loss.class_weight for K >= 3 classes: null (none), `balanced` (n / (K * count) of train, so
+    that every class weighs as much in the loss) or a list of K positive numbers, in label order."""
+    k = len(class_counts)
+    if setting is None:
+        return None
+    if setting == "balanced":
+        total = sum(class_counts)
+        if min(class_counts) == 0:
+            raise UserInputError(f"loss.class_weight=balanced: the train split has no image of class {class_counts.index(0)}")
+        return [total / (k * n) for n in class_counts]
+    values = list(setting) if isinstance(setting, (list, tuple, ListConfig)) else None
+    if values is None or len(values) != k or not all(is_number(v) and v > 0 for v in values):
+        raise UserInputError(f"loss.class_weight={setting} is not valid; expected null, balanced or a list of {k} positive numbers")
+    return [float(v) for v in values]
+
+
 def label_smoothing(setting: float) -> float:
     """loss.label_smoothing: a number in [0, 1) (0: hard 0/1 targets)."""
     return float(check_number("loss.label_smoothing", setting, 0, 1, high_open=True))
@@ -294,6 +357,11 @@ def run_callbacks(cfg: DictConfig, out_dir: Path) -> list[Any]:
             "part of callbacks=default); add callbacks with callbacks=[default,early_stopping]"
         )
     callbacks += [ResumableTraining(last_checkpoint=expected / "last.ckpt"), ReturnFreedMemory()]
+    freeze_epochs = cfg.model.get("freeze_epochs", 0)
+    if freeze_epochs:
+        from xray_cls.pretrained import FreezeBackbone
+
+        callbacks.append(FreezeBackbone(freeze_epochs))
     # callbacks.progress_bar (part of callbacks=default); Lightning refuses a bar it was told not to show.
     bars = [c for c in callbacks if isinstance(c, LightningProgressBar)]
     if not cfg.trainer.get("enable_progress_bar", True):
@@ -321,7 +389,7 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
     from xray_cls.checkpoint import network_name
 
     return {
-        "model": network_name(cfg.model).lower(),
+        "model": cfg.model.get("name") or network_name(cfg.model).lower(),  # torchvision's and timm's by their name
         "dropout": cfg.model.get("dropout", 0.0),
         "aug": cfg.data.aug,
         "aspect": cfg.data.get("aspect", 0.0),
@@ -329,6 +397,7 @@ def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
         "label_smoothing": cfg.loss.get("label_smoothing", 0.0),
         "lr": cfg.optimizer.lr,
         "pos_weight": "none" if cfg.loss.pos_weight is None else cfg.loss.pos_weight,
+        **({"class_weight": str(cfg.loss.class_weight)} if cfg.loss.get("class_weight") is not None else {}),
         "threshold_rule": cfg.threshold_rule,
         "calibration": cfg.get("calibration", "none"),
         "checkpoint": f"{cfg.checkpoint.monitor} ({cfg.checkpoint.mode})",  # what runs are chosen by

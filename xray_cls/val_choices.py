@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from xray_cls.config import CALIBRATIONS
+from xray_cls.errors import UserInputError
 from xray_cls.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 class ValChoices:
     """An image is called PNEUMONIA when sigmoid(logit / temperature) > threshold; `rule` says how
     the threshold was chosen, with the val sensitivity and specificity at it (None when it was
-    given, not chosen on val)."""
+    given, not chosen on val). K >= 3 classes use the temperature alone (softmax(logits / temperature))."""
 
     threshold: float = 0.5
     rule: str = "fixed"
@@ -98,10 +99,24 @@ def choose_on_val(
 ) -> ValChoices:
     """The temperature by `calibration`, then the threshold by `rule` on the calibrated val probabilities
     (`on` names the images in the log: another site's calibration part is no val split)."""
+    from xray_cls.metrics import probabilities
+
     temperature = fit_calibration(calibration, logits, labels, on)
-    chosen = choose_threshold_on_val(torch.sigmoid(logits / temperature), labels, rule, fixed, target_sensitivity,
+    if logits.dim() == 2:  # K classes: the most probable class, no threshold to choose
+        check_rule_applies(rule, logits.shape[1])
+        return ValChoices(threshold=fixed, temperature=temperature, calibration=calibration)
+    chosen = choose_threshold_on_val(probabilities(logits, temperature), labels, rule, fixed, target_sensitivity,
                                      temperature, on)
     return replace(chosen, calibration=calibration)
+
+
+def check_rule_applies(rule: str, num_classes: int, option: str = "threshold_rule") -> None:
+    """Threshold rules choose a threshold on one probability; K >= 3 classes call the most probable class."""
+    if num_classes > 2 and rule != "fixed":
+        raise UserInputError(
+            f"{option}={rule} chooses a threshold for two classes; this task has {num_classes}, and each image is called "
+            "its most probable class; expected threshold_rule=fixed"
+        )
 
 
 def choose_threshold_on_val(
@@ -123,14 +138,14 @@ def choose_threshold_on_val(
 def fit_calibration(calibration: str, val_logits: torch.Tensor, val_labels: torch.Tensor, on: str = "val") -> float:
     """The temperature by `calibration`: 1 (none), or temperature scaling fitted on val only."""
     from xray_cls.config import check_choice
-    from xray_cls.metrics import TEMPERATURE_RANGE, calibration_error, fit_temperature
+    from xray_cls.metrics import TEMPERATURE_RANGE, calibration_error, fit_temperature, probabilities
 
     if check_choice("calibration", calibration, CALIBRATIONS, "known") == "none":
         return 1.0
     temperature = fit_temperature(val_logits, val_labels)
     if temperature in TEMPERATURE_RANGE:
         log.warning("the temperature fitted on %s reached the limit %s: %s may be too small or too easy", on, temperature, on)
-    before = calibration_error(val_logits.sigmoid(), val_labels)
-    after = calibration_error((val_logits / temperature).sigmoid(), val_labels)
+    before = calibration_error(probabilities(val_logits), val_labels)
+    after = calibration_error(probabilities(val_logits, temperature), val_labels)
     log.info("temperature %.4f fitted on %s: ECE there %.4f before, %.4f after", temperature, on, before, after)
     return temperature

@@ -77,12 +77,13 @@ def _uniform(shape: int | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.rand(shape, device=like.device, dtype=like.dtype) * 2 - 1
 
 
-def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float, num_classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """mixup (Zhang et al., 2018): the batch blended with a shuffled copy of itself, images and labels
-    alike, by one Beta(alpha, alpha) weight. Labels come back as float soft targets."""
+    alike, by one Beta(alpha, alpha) weight. Labels come back as float soft targets: (N,) for two
+    classes, (N, K) class shares for K >= 3."""
     weight = torch.distributions.Beta(alpha, alpha).sample().to(images.device, images.dtype)
     order = torch.randperm(images.shape[0], device=images.device)
-    soft = labels.to(images.dtype)
+    soft = labels.to(images.dtype) if num_classes == 2 else torch.nn.functional.one_hot(labels, num_classes).to(images.dtype)
     return weight * images + (1 - weight) * images[order], weight * soft + (1 - weight) * soft[order]
 
 

@@ -193,6 +193,7 @@ class XrayDataModule(L.LightningDataModule):
         self.splits: dict[str, Split] = {}
         self.mean = 0.0
         self.std = 1.0
+        self.normalization = "train"
         self.test_split = "test"  # the split test_dataloader serves (`evaluate split=...`)
         self.only_split: str | None = None  # evaluate reads just the split it evaluates
         self.recorded: dict[str, list[str]] = {}  # a run's splits drawn from train, to evaluate on again
@@ -214,7 +215,8 @@ class XrayDataModule(L.LightningDataModule):
             return
         self.splits = self.read_splits()
         for name, split in self.splits.items():
-            log.info("%s split: %d images, %s = %s", name, len(split), "/".join(self.class_names), split.class_counts())
+            log.info("%s split: %d images, %s = %s", name, len(split), "/".join(self.class_names),
+                     split.class_counts(len(self.class_names)))
         if "train" in self.splits:  # evaluate reads no train split: the checkpoint has the statistics
             self.mean, self.std = pixel_mean_std(self.splits["train"])
             log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)
@@ -257,7 +259,7 @@ class XrayDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         images = self.preprocess(images, train=training)
         if training and self.mixup:
-            images, labels = mixup(images, labels, self.mixup)
+            images, labels = mixup(images, labels, self.mixup, len(self.class_names))
         return images, labels
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
@@ -308,6 +310,11 @@ class XrayDataModule(L.LightningDataModule):
         """Batches of the current epoch already trained: more than 0 only when resuming mid-epoch."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer else 0
 
+    def use_normalization(self, name: str, mean: float, std: float) -> None:
+        """Normalize with given statistics instead of the train split's (`imagenet` for pretrained weights)."""
+        self.normalization, self.mean, self.std = name, mean, std
+        log.info("normalization for %s weights: mean %.4f, std %.4f", name, mean, std)
+
     def preprocessing(self) -> dict[str, Any]:
         """What a trained model needs to prepare new images as it was trained (kept in its checkpoint)."""
         return {
@@ -318,5 +325,6 @@ class XrayDataModule(L.LightningDataModule):
             "class_names": list(self.class_names),
             "task": self.task.record(),
             "geometry": self.geometry,
+            "normalization": self.normalization,  # whose mean and std: the train split's, or imagenet's
         }
 

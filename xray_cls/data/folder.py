@@ -77,7 +77,7 @@ def list_images(split_dir: Path, task: Task = PNEUMONIA) -> tuple[list[Path], li
     (NORMAL/ and PNEUMONIA/ for task=pneumonia), each image labeled by its folder or, for a task
     read from file names, by its name."""
     paths, labels, ignored = [], [], 0
-    for label, folder in enumerate(task.class_folders):
+    for folder in task.class_folders:
         class_dir = find_subfolder(split_dir, (folder,))
         if class_dir is None:
             found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
@@ -92,7 +92,8 @@ def list_images(split_dir: Path, task: Task = PNEUMONIA) -> tuple[list[Path], li
                 f"{class_dir} holds no images; expected {', '.join(sorted(IMAGE_SUFFIXES))} files"
             )
         ignored += len(files) - len(images)
-        found_labels = [label] * len(images) if not task.from_file_names else labels_from_names(images, task)
+        label = task.folder_label(folder)
+        found_labels = [label] * len(images) if label is not None else labels_from_names(images, task)
         paths += [p for p, found_label in zip(images, found_labels) if found_label is not None]
         labels += [found_label for found_label in found_labels if found_label is not None]
     return paths, labels, ignored
@@ -103,7 +104,7 @@ def labels_from_names(images: list[Path], task: Task) -> list[int | None]:
     counted, as `task.unknown` says."""
     labels = [task.label_from_name(p) for p in images]
     unknown = [p for p, label in zip(images, labels) if label is None]
-    words = " or ".join(f"{task.file_name_words[c]!r} ({c})" for c in task.classes)
+    words = " or ".join(f"{word!r} ({name})" for name, word in task.file_name_words.items())
     if unknown and task.unknown == "refuse":
         raise UserInputError(
             f"{path_text(unknown[0])}: its name says no class of task={task.name} ({len(unknown)} such file(s)); "
