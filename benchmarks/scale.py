@@ -3,6 +3,7 @@
     python benchmarks/scale.py                      # 2,000, 10,000 and 40,000 JPEGs of 512x512 px
     python benchmarks/scale.py --sizes 2000,10000   # chosen folder sizes
     python benchmarks/scale.py --quick              # a smoke test of every measurement (tiny folders)
+    python benchmarks/scale.py --table              # the same images read through data=table (a generated labels.csv)
 
 Each size runs in a fresh process: the folder's first decode into an empty cache (images/s), then
 one epoch of the default CNN at data.image_size=128 with `train()`, reading the mapped cache (fit
@@ -15,6 +16,8 @@ synthetic folders are kept in --data between invocations (a --quick run uses a t
 Goals: peak RssAnon at the largest size <= 1.2x that at the smallest; seconds per 1,000 images at
 the largest size <= 1.2x those of the in-memory path at the smallest. The last line is
 machine-readable: RESULT anon_growth= time_growth= decode_ips= (the largest folder's first decode).
+With --table, every measurement reads the same images through `data=table` and a generated
+labels.csv (path, label, patient, split) instead of the class folders; the goals are the same.
 """
 
 from __future__ import annotations
@@ -49,6 +52,28 @@ def synthetic_folder(data_dir: Path, n_images: int, side: int) -> Path:
     return root
 
 
+TABLE = "labels.csv"
+TABLE_OVERRIDES = ["data=table", f"data.csv={TABLE}", "data.path_column=path", "data.label_column=label",
+                   "data.label_values={NORMAL: [NORMAL], PNEUMONIA: [PNEUMONIA]}", "data.patient_column=patient",
+                   "data.split_column=split", "data.split_values={train: [train], test: [test]}"]
+
+
+def write_table(root: Path) -> None:
+    """root/labels.csv: every image of the folder with its class, patient (one per image) and split."""
+    import csv
+
+    if (root / TABLE).is_file():
+        return
+    rows = [{"path": p.relative_to(root).as_posix(), "label": p.parent.name, "patient": p.stem, "split": p.parent.parent.name}
+            for p in sorted(root.glob("*/*/*.jpeg"))]
+    tmp = root / f".{TABLE}.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["path", "label", "patient", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.rename(root / TABLE)
+
+
 def peak_anon_sampler(peak: dict[str, int], stop: threading.Event) -> None:
     """Keeps peak["anon_kb"] at the largest RssAnon of this process seen every 20 ms."""
     while not stop.is_set():
@@ -58,9 +83,11 @@ def peak_anon_sampler(peak: dict[str, int], stop: threading.Event) -> None:
         stop.wait(0.02)
 
 
-def measure(root: Path, cache: Path | None, image_size: int, out_dir: Path) -> dict[str, float]:
-    """One folder in this process: first decode into `cache` (none: in memory), then one epoch."""
+def measure(root: Path, cache: Path | None, image_size: int, out_dir: Path, table: bool = False) -> dict[str, float]:
+    """One folder in this process: first decode into `cache` (none: in memory), then one epoch;
+    with `table`, through data=table and the folder's labels.csv."""
     from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
     from xray_cls.data import ImageFolderDataModule
     from xray_cls.data.folder import list_images
@@ -71,14 +98,20 @@ def measure(root: Path, cache: Path | None, image_size: int, out_dir: Path) -> d
     sampler = threading.Thread(target=peak_anon_sampler, args=(peak, stop), daemon=True)
     sampler.start()
     figures: dict[str, float] = {}
+    data_overrides = TABLE_OVERRIDES if table else ["data=folder"]
     if cache is not None:
         started = time.perf_counter()
-        data = ImageFolderDataModule(root=str(root), image_size=image_size, cache_dir=str(cache))
+        if table:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                data_cfg = compose("train", overrides=[*data_overrides, f"data.root={root}"]).data
+            data = instantiate(data_cfg, image_size=image_size, cache_dir=str(cache))
+        else:
+            data = ImageFolderDataModule(root=str(root), image_size=image_size, cache_dir=str(cache))
         data.setup()
         figures["decode_ips"] = sum(len(s) for s in data.splits.values()) / (time.perf_counter() - started)
         del data
     overrides = [
-        f"paths.output_dir={out_dir}", "data=folder", f"data.root={root}", f"data.image_size={image_size}",
+        f"paths.output_dir={out_dir}", *data_overrides, f"data.root={root}", f"data.image_size={image_size}",
         f"data.cache_dir={cache if cache is not None else 'null'}", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false", "logger=csv", "bootstrap.resamples=0", "gradcam_samples=0",
     ]
@@ -93,9 +126,10 @@ def measure(root: Path, cache: Path | None, image_size: int, out_dir: Path) -> d
     return figures
 
 
-def measure_in_child(root: Path, cache: Path | None, image_size: int, out_dir: Path) -> dict[str, float]:
+def measure_in_child(root: Path, cache: Path | None, image_size: int, out_dir: Path, table: bool = False) -> dict[str, float]:
     """`measure` in a fresh process, so that each size's memory figures are its own."""
-    spec = json.dumps({"root": str(root), "cache": str(cache) if cache else None, "image_size": image_size, "out_dir": str(out_dir)})
+    spec = json.dumps({"root": str(root), "cache": str(cache) if cache else None, "image_size": image_size, "out_dir": str(out_dir),
+                       "table": table})
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
@@ -108,12 +142,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny folders: a smoke test of every measurement")
     parser.add_argument("--sizes", help="comma-separated folder sizes (default 2000,10000,40000; quick 64,256)")
     parser.add_argument("--data", type=Path, help=f"where the synthetic folders are kept (default {DEFAULT_DATA})")
+    parser.add_argument("--table", action="store_true", help="read the folders through data=table and a generated labels.csv")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
         cache = Path(spec["cache"]) if spec["cache"] else None
-        print(json.dumps(measure(Path(spec["root"]), cache, spec["image_size"], Path(spec["out_dir"]))))
+        print(json.dumps(measure(Path(spec["root"]), cache, spec["image_size"], Path(spec["out_dir"]), spec["table"])))
         return
 
     sizes = sorted(int(s) for s in (args.sizes or ("64,256" if args.quick else "2000,10000,40000")).split(","))
@@ -122,17 +157,19 @@ def main() -> None:
         work = Path(tmp)
         data_dir = args.data or (work / "folders" if args.quick else DEFAULT_DATA)
         roots = {n: synthetic_folder(data_dir, n, side) for n in sizes}
+        for root in roots.values() if args.table else []:
+            write_table(root)
         smallest = sizes[0]
         # The time reference is measured before and after the mapped runs, and averaged: the
         # largest takes minutes, and a shared machine's speed drifts by more than the goal's margin.
-        before = measure_in_child(roots[smallest], None, image_size, work / "run_in_memory_before")
-        mapped = {n: measure_in_child(roots[n], work / f"cache_{n}", image_size, work / f"run_{n}") for n in sizes}
-        after = measure_in_child(roots[smallest], None, image_size, work / "run_in_memory_after")
+        before = measure_in_child(roots[smallest], None, image_size, work / "run_in_memory_before", args.table)
+        mapped = {n: measure_in_child(roots[n], work / f"cache_{n}", image_size, work / f"run_{n}", args.table) for n in sizes}
+        after = measure_in_child(roots[smallest], None, image_size, work / "run_in_memory_after", args.table)
         in_memory = {k: (before[k] + after[k]) / 2 for k in before}
         print(f"in-memory reference: {before['s_per_1000']:.2f} s per 1,000 images before, {after['s_per_1000']:.2f} after")
 
     print()
-    print(f"{side}x{side} px JPEGs, data.image_size={image_size}, one epoch of the default CNN")
+    print(f"{side}x{side} px JPEGs{' through data=table' if args.table else ''}, data.image_size={image_size}, one epoch of the default CNN")
     print(f"{'images':>8} {'data':<10}{'decode (img/s)':>16}{'s / 1,000 img':>15}{'peak RssAnon MB':>17}{'peak RSS MB':>13}")
     rows = [(smallest, "in memory", in_memory)] + [(n, "mapped", mapped[n]) for n in sizes]
     for n, kind, fig in rows:

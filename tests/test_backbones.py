@@ -25,6 +25,20 @@ from xray_cls.predict import predict
 from xray_cls.pretrained import IMAGENET_GRAY, Pretraining, load_weights
 from xray_cls.train import train
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled PneumoniaMNIST cut to 300 / 60 / 120 images: these networks are large for this CPU."""
+    from xray_cls.data import BUNDLED_NPZ
+
+    arrays = np.load(BUNDLED_NPZ)
+    path = tmp_path_factory.getbasetemp() / "small_pneumoniamnist.npz"
+    if not path.exists():
+        cut = {f"{split}_{part}": arrays[f"{split}_{part}"][:n] for split, n in (("train", 300), ("val", 60), ("test", 120))
+               for part in ("images", "labels")}
+        np.savez(path, **cut)
+    return path
+
+
 SMALL = [*SHORT_RUN, "data.image_size=32", "gradcam_samples=2"]
 
 
@@ -78,23 +92,23 @@ def test_default_weights_load_from_torchvisions_cache_with_its_own_code(torch_ho
     assert torch.allclose(net.model.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
 
 
-def test_densenet121_trains_from_its_cached_default_weights_without_a_network(torch_home: Path, tmp_path: Path) -> None:
+def test_densenet121_trains_from_its_cached_default_weights_without_a_network(torch_home: Path, tmp_path: Path, small_data: Path) -> None:
     state = cached_weights(torch_home, "densenet121")
-    metrics = train(compose_config(tmp_path / "run", [*SMALL, "model=densenet121", "model.weights=DEFAULT", "model.download=false",
+    metrics = train(compose_config(tmp_path / "run", [*SMALL, f"data.path={small_data}", "model=densenet121", "model.weights=DEFAULT", "model.download=false",
                                                       "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]))
     ckpt = read_checkpoint(tmp_path / "run" / metrics["best_checkpoint"]["path"])
     prep = ckpt["hyper_parameters"]["preprocessing"]
     assert (prep["normalization"], prep["mean"], prep["std"]) == ("imagenet", *IMAGENET_GRAY)
-    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == metrics["n_test"] == 624
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == metrics["n_test"] == 120
     assert metrics["hparams"]["model"] == "densenet121"
     first = ckpt["state_dict"]["net.model.features.conv0.weight"]
     assert first.shape[1] == 1 and not torch.equal(first, torch.zeros_like(first))
     assert state["features.conv0.weight"].shape[1] == 3
 
 
-def test_missing_weights_with_no_network_are_one_line(torch_home: Path, tmp_path: Path) -> None:
+def test_missing_weights_with_no_network_are_one_line(torch_home: Path, tmp_path: Path, small_data: Path) -> None:
     with pytest.raises(UserInputError) as refused:
-        train(compose_config(tmp_path / "run", [*SMALL, "model=resnet18", "model.weights=DEFAULT", "model.download=false"]))
+        train(compose_config(tmp_path / "run", [*SMALL, f"data.path={small_data}", "model=resnet18", "model.weights=DEFAULT", "model.download=false"]))
     message = str(refused.value)
     assert "\n" not in message and "resnet18-f37072fd.pth is not in the cache" in message
     assert str(torch_home / "hub" / "checkpoints") in message and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
@@ -111,15 +125,15 @@ def test_missing_weights_with_no_network_are_one_line(torch_home: Path, tmp_path
     (["model=resnet18", "model.freeze_epochs=1", "trainer=ddp"], "DDP waits for the frozen parameters' gradients"),
     (["model=resnet18", "model.backbone_lr_scale=2"], r"model.backbone_lr_scale=2 is not valid; expected a number in \[0, 1\]"),
 ])
-def test_bad_backbone_options_are_one_line(tmp_path: Path, overrides: list[str], message: str) -> None:
+def test_bad_backbone_options_are_one_line(tmp_path: Path, small_data: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(UserInputError, match=message):
-        train(compose_config(tmp_path / "run", [*SMALL, *overrides]))
+        train(compose_config(tmp_path / "run", [*SMALL, f"data.path={small_data}", *overrides]))
 
 
-def test_a_local_file_of_another_network_is_refused(tmp_path: Path) -> None:
+def test_a_local_file_of_another_network_is_refused(tmp_path: Path, small_data: Path) -> None:
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
     with pytest.raises(UserInputError, match=r"r34.pth does not hold this network's weights: it has the extra tensor layer1.2"):
-        train(compose_config(tmp_path / "run", [*SMALL, "model=resnet18", f"model.weights={tmp_path / 'r34.pth'}"]))
+        train(compose_config(tmp_path / "run", [*SMALL, f"data.path={small_data}", "model=resnet18", f"model.weights={tmp_path / 'r34.pth'}"]))
 
 
 class WatchParameters(Callback):
@@ -138,11 +152,11 @@ class WatchParameters(Callback):
         return {k: v.detach().clone() for k, v in pl_module.net.model.state_dict().items()}
 
 
-def test_freeze_epochs_keeps_the_backbone_until_it_thaws(tmp_path: Path) -> None:
+def test_freeze_epochs_keeps_the_backbone_until_it_thaws(tmp_path: Path, small_data: Path) -> None:
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     train(compose_config(tmp_path / "run", [
-        *SMALL, "model=resnet18", f"model.weights={tmp_path / 'r18.pth'}", "model.freeze_epochs=1", "model.backbone_lr_scale=0.1",
+        *SMALL, f"data.path={small_data}", "model=resnet18", f"model.weights={tmp_path / 'r18.pth'}", "model.freeze_epochs=1", "model.backbone_lr_scale=0.1",
         "optimizer.lr=0.01", "+callbacks.watch._target_=test_backbones.WatchParameters",
     ]))
     start, frozen, thawed = WatchParameters.seen["states"]
@@ -161,7 +175,7 @@ NETWORKS = {
 
 
 @pytest.fixture(scope="module", params=list(NETWORKS))
-def library_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict, Path]:
+def library_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> tuple[str, Path, dict, Path]:
     """(library, run folder, metrics, weights file) of a run started from a local weights file."""
     library = request.param
     if library == "timm":
@@ -171,11 +185,11 @@ def library_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         source = torchvision.models.resnet18()
     folder = tmp_path_factory.mktemp(f"{library}_run")
     torch.save(source.state_dict(), folder / "weights.pth")
-    metrics = train(compose_config(folder / "run", [*SMALL, *NETWORKS[library], f"model.weights={folder / 'weights.pth'}"]))
+    metrics = train(compose_config(folder / "run", [*SMALL, f"data.path={small_data}", *NETWORKS[library], f"model.weights={folder / 'weights.pth'}"]))
     return library, folder / "run", metrics, folder / "weights.pth"
 
 
-def test_a_library_network_predicts_evaluates_and_exports_from_its_checkpoint(library_run, tmp_path: Path) -> None:
+def test_a_library_network_predicts_evaluates_and_exports_from_its_checkpoint(library_run, tmp_path: Path, small_data: Path) -> None:
     import onnxruntime
 
     from xray_cls.data import BUNDLED_NPZ, normalize
@@ -185,7 +199,7 @@ def test_a_library_network_predicts_evaluates_and_exports_from_its_checkpoint(li
     library, run, metrics, weights = library_run
     weights.unlink()  # a checkpoint never reads its network's pretrained weights again
     ckpt = run / "checkpoints" / "best.ckpt"
-    evaluated = evaluate(compose_config(tmp_path / "ev", [f"ckpt={ckpt}"], name="evaluate"))
+    evaluated = evaluate(compose_config(tmp_path / "ev", [f"ckpt={ckpt}", f"data.path={small_data}"], name="evaluate"))
     assert evaluated["confusion_matrix"] == metrics["confusion_matrix"]
     images = tmp_path / "images"
     images.mkdir()
@@ -207,13 +221,13 @@ def test_a_library_network_predicts_evaluates_and_exports_from_its_checkpoint(li
     assert json.loads((model_path.parent / "model.json").read_text())["normalization"]["mean"] == pytest.approx(IMAGENET_GRAY[0])
 
 
-def test_a_library_network_resumes_from_its_checkpoint(library_run, tmp_path: Path) -> None:
+def test_a_library_network_resumes_from_its_checkpoint(library_run, tmp_path: Path, small_data: Path) -> None:
     library, finished, metrics, _ = library_run
     run = tmp_path / "interrupted"  # the run as a kill after its first epoch leaves it
     shutil.copytree(finished, run)
     (run / "metrics.json").unlink()
     last = run / "checkpoints" / "last.ckpt"
-    resumed = train(compose_config(tmp_path / "resumed", [*SMALL, *NETWORKS[library], "model.weights=/nowhere/weights.pth",
+    resumed = train(compose_config(tmp_path / "resumed", [*SMALL, f"data.path={small_data}", *NETWORKS[library], "model.weights=/nowhere/weights.pth",
                                                           f"ckpt_path={last}", "trainer.max_epochs=3"]))
     assert resumed["epochs"] == 3 and resumed["resumed_from"] == str(last) and (run / "metrics.json").is_file()
 

@@ -57,6 +57,12 @@ def test_scale_benchmark_quick_mode(tmp_path: Path) -> None:
     assert all(float(v) > 0 for v in values.values())  # memory sampled, epochs timed, folders decoded
 
 
+def test_scale_benchmark_table_mode(tmp_path: Path) -> None:
+    """--table reads the same synthetic folders through data=table and a generated labels.csv."""
+    values = quick_result("scale.py", SCALE_KEYS, tmp_path, "--table")
+    assert all(float(v) > 0 for v in values.values())
+
+
 SITE_KEYS = ["site_fraction"] + [f"{variant}_{score}{worst}" for variant in ("as_is", "adapted", "recalibrated", "both")
                                   for score in ("acc", "auroc", "spec") for worst in ("", "_worst")]
 

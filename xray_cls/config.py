@@ -130,6 +130,11 @@ DATA = [
     number("data.test_fraction", 0, 1, low_open=True, high_open=True),
     number("data.min_val_images", 0, integer=True),
     number("data.num_workers", 0, integer=True),
+    number("data.folds", 2, 100, integer=True, none=True, expected="null (one val split) or an integer from 2 to 100"),
+    number("data.fold", 0, integer=True),
+    number("data.fold_seed", integer=True),
+    choice("data.uncertain", ("ignore", "zeros", "ones")),
+    number("data.max_missing", 0, 1),
 ]
 REPORTING = [
     number("bootstrap.resamples", 0, integer=True, expected="0 (no intervals) or a positive integer"),

@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from xray_cls import course_report
+from xray_cls.cross_validation import cross_validation_section
 from xray_cls.files import atomic_write, path_text, write_csv, write_text
 from xray_cls.task import MAX_CLASSES  # the confusion matrix a run's metrics.json may hold is at most this square
 from xray_cls.untrusted import UnreadableFile, markdown_code, value_at, markdown_text, one_line, plot_text, read_json, read_string_list
@@ -250,6 +251,9 @@ def write_markdown(path: Path, sweep_dir: Path, runs: list[Run], ranking: Rankin
     comparison = course_report.comparison_section(order)  # runs of +experiment=report beside the course report's
     if comparison:
         lines += ["", *comparison]
+    folds = cross_validation_section(runs, METRIC_COLUMNS)  # runs of +experiment=cv: mean and spread over their folds
+    if folds:
+        lines += ["", *folds]
     problems = [r for r in runs if r.status != "ok"]
     if problems:
         lines += ["", "## Runs without results", ""]

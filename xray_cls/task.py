@@ -119,7 +119,7 @@ def task_of_run(task: Mapping[str, Any], data: Mapping[str, Any]) -> Task:
     its data: only a folder has file names to read classes from."""
     classes = data.get("classes")
     made = make_task(task, list(classes) if classes is not None else None)
-    if not str(data.get("_target_", "")).endswith("ImageFolderDataModule"):
+    if not str(data.get("_target_", "")).endswith("ImageFolderDataModule"):  # an .npz or a label table: labels are classes
         check_labels_are_classes(made)
     return made
 

@@ -124,7 +124,8 @@ def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
     num_classes = len(datamodule.class_names)  # an .npz's labels may add classes to the task's
     check_for_classes(cfg, num_classes)
     if rank_zero_only.rank == 0 and not (folder.path / "splits.csv").exists():  # a resumed run keeps its own
-        write_csv(folder.path / "splits.csv", datamodule.split_rows(), SPLITS_COLUMNS)
+        columns = SPLITS_COLUMNS + (["fold"] if getattr(datamodule, "folds", None) else [])  # data.folds: cross-validation
+        write_csv(folder.path / "splits.csv", datamodule.split_rows(), columns)
     net_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "in_channels": datamodule.in_channels,
                "image_size": datamodule.image_size}
     pretraining = Pretraining.pop_from(net_cfg)  # model.weights, ...: how to start, not what to build

@@ -34,6 +34,7 @@ from xray_cls.data.images import (
     trained_geometry,
 )
 from xray_cls.data.pneumoniamnist import BUNDLED_NPZ, PneumoniaMNISTDataModule, read_npz
+from xray_cls.data.table import TableDataModule
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -49,6 +50,7 @@ __all__ = [
     "ImageFolderDataModule",
     "PneumoniaMNISTDataModule",
     "Split",
+    "TableDataModule",
     "XrayDataModule",
     "augment_preset",
     "center_square",

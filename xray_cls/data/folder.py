@@ -58,6 +58,25 @@ def patient_split(
     return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
 
 
+def patient_folds(labels: torch.Tensor, patients: list[str], folds: int, seed: int) -> list[int]:
+    """The fold (0 to folds-1) of each image: each class's patients (by the class of most of their
+    images) shuffled with `seed` and dealt out in turn, so that every fold holds about 1/folds of
+    each class's patients and every image of a patient is in its patient's fold."""
+    members: dict[str, list[int]] = {}
+    for index, patient in enumerate(patients):
+        members.setdefault(patient, []).append(index)
+    values = labels.tolist()
+    majority = {group: majority_label([values[i] for i in index]) for group, index in members.items()}
+    generator = torch.Generator().manual_seed(seed)
+    fold_of = [0] * len(patients)
+    for label in sorted(set(values)):
+        groups = [g for g in members if majority[g] == label]
+        for turn, k in enumerate(torch.randperm(len(groups), generator=generator).tolist()):
+            for i in members[groups[k]]:
+                fold_of[i] = turn % folds
+    return fold_of
+
+
 def majority_label(labels: list[int]) -> int:
     """The most common label; the smallest of a tie, so draws stay those of earlier versions."""
     return max(sorted(set(labels)), key=labels.count)
@@ -129,7 +148,16 @@ def read_folder_split(
             log.info("%s: ignored %d file(s) that are not images", split_dir, ignored)
         paths += found
         labels += found_labels
-    source = " + ".join(str(d) for d in split_dirs)
+    return decoded_split(paths, labels, size, cache_dir, geometry, split_dirs)
+
+
+def decoded_split(paths: list[Path], labels: list[int], size: int, cache_dir: Path | None, geometry: str,
+                  sources: list[Path]) -> Split:
+    """`paths` decoded as one split: memory-mapped from the cache entry in `cache_dir` (keyed by
+    `sources`, the folders or table they came from), decoding into it first if needed, or decoded
+    into memory without a cache."""
+    source = " + ".join(str(d) for d in sources)
+    split_dirs = sources
     images = None
     if cache_dir is not None:
         cache = cache_path(cache_dir, split_dirs, paths, labels, size, geometry)
@@ -162,6 +190,9 @@ class ImageFolderDataModule(XrayDataModule):
         test_seed: int = 0,
         cache_dir: str | None = None,
         classes: list[str] | None = None,
+        folds: int | None = None,
+        fold: int = 0,
+        fold_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         check_number("data.image_size", image_size, 1, MAX_IMAGE_SIZE, integer=True)  # a folder has no size of its own
@@ -178,6 +209,12 @@ class ImageFolderDataModule(XrayDataModule):
         self.test_fraction = test_fraction
         self.test_seed = test_seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        check_number("data.folds", folds, 2, 100, integer=True, none=True)
+        if folds is not None:
+            check_number("data.fold", fold, 0, folds - 1, integer=True, expected=f"an integer from 0 to {folds - 1} (data.folds={folds})")
+        check_number("data.fold_seed", fold_seed, integer=True)
+        self.folds, self.fold, self.fold_seed = folds, fold, fold_seed
+        self.fold_of: dict[str, int] = {}  # with data.folds: each train and val image's fold, by path
         self.derived: dict[str, list[str]] = {}  # splits drawn from train, as paths relative to root
 
     def read_splits(self) -> dict[str, Split]:
@@ -222,7 +259,7 @@ class ImageFolderDataModule(XrayDataModule):
             raise UserInputError(f"data.root: {self.root} has no train/ folder; expected train/ with {self._class_folders_text()}")
         val_count = len(list_images(val_dir, self.task)[0]) if val_dir is not None else 0
         val = None
-        if val_dir is not None and val_count >= self.min_val_images:
+        if val_dir is not None and val_count >= self.min_val_images and not self.folds:  # folds replace val/
             train, val = self._read(train_dir), self._read(val_dir)
         else:
             if val_dir is not None:
@@ -236,7 +273,8 @@ class ImageFolderDataModule(XrayDataModule):
         splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
         for name in ("val", "test"):
             if name in splits:
-                log_patient_overlap(splits["train"], splits[name], name)
+                log_patient_overlap(self.patient_groups(splits["train"].paths), self.patient_groups(splits[name].paths),
+                                    len(splits[name]), name)
         return splits
 
     def _draw(self, pool: Split, name: str) -> tuple[Split, Split]:
@@ -244,9 +282,11 @@ class ImageFolderDataModule(XrayDataModule):
         (`evaluate`), else a patient-level draw."""
         if name in self.recorded:
             keep, drawn = self._recorded_index(pool, name)
+        elif name == "val" and self.folds:
+            keep, drawn = self._fold_index(pool)
         else:
             fraction, seed = (self.test_fraction, self.test_seed) if name == "test" else (self.val_fraction, self.seed)
-            patients = patient_groups(pool.paths)
+            patients = self.patient_groups(pool.paths)
             unmatched = sum(p.startswith(ONE_IMAGE_GROUP) for p in patients)
             if unmatched:
                 log.info("%d of %d image names name no patient (Kermany patterns): one group per image", unmatched, len(patients))
@@ -255,6 +295,22 @@ class ImageFolderDataModule(XrayDataModule):
         rest, split = pool.subset(keep), pool.subset(drawn)
         self.derived[name] = [self.source_name(split, name, i) for i in range(len(split))]
         return rest, split
+
+    def _fold_index(self, pool: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the other folds, fold `data.fold`) of train, by patient; the same folds for every run seed."""
+        fold_of = patient_folds(pool.labels, self.patient_groups(pool.paths), self.folds, self.fold_seed)
+        self.fold_of = {self.source_name(pool, "train", i): f for i, f in enumerate(fold_of)}
+        in_fold = torch.tensor([f == self.fold for f in fold_of], dtype=torch.bool)
+        log.info("val split: fold %d of %d, by patient and stratified by class (data.fold_seed %d)", self.fold, self.folds, self.fold_seed)
+        return torch.nonzero(~in_fold).flatten(), torch.nonzero(in_fold).flatten()
+
+    def split_rows(self) -> list[dict[str, Any]]:
+        """splits.csv's rows, with each train and val image's fold under data.folds."""
+        rows = super().split_rows()
+        if self.folds:
+            for row in rows:
+                row["fold"] = self.fold_of.get(row["path"], "")
+        return rows
 
     def _recorded_index(self, pool: Split, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The run's own split `name`, by the paths its checkpoint recorded."""
@@ -274,6 +330,10 @@ class ImageFolderDataModule(XrayDataModule):
     def source_name(self, split: Split, name: str, index: int) -> str:
         path = split.paths[index]  # type: ignore[index]  # folder splits always carry their paths
         return path_text(path.relative_to(self.root).as_posix())
+
+    def patient_groups(self, paths: list[Path] | None) -> list[str]:
+        """The patient of each image, the group a patient-level split keeps on one side."""
+        return patient_groups(paths)
 
     def patient_name(self, split: Split, index: int) -> str:
         return patient_id(split.paths[index]) or ""  # type: ignore[index]
@@ -296,11 +356,10 @@ def patient_groups(paths: list[Path] | None) -> list[str]:
     return [patient_id(p) or f"{ONE_IMAGE_GROUP}{p}" for p in paths or []]
 
 
-def log_patient_overlap(train: Split, other: Split, name: str) -> None:
+def log_patient_overlap(train_groups: list[str], groups: list[str], images: int, name: str) -> None:
     """val (or test) has N images of M patients, and how many of them are in train too (0 for a drawn split)."""
-    train_patients = set(patient_groups(train.paths))
-    patients = set(patient_groups(other.paths))
+    train_patients, patients = set(train_groups), set(groups)
     shared = len(train_patients & patients)
     (log.warning if shared else log.info)(
-        "%s has %d images of %d patients, and %d patients are shared with train", name, len(other), len(patients), shared
+        "%s has %d images of %d patients, and %d patients are shared with train", name, images, len(patients), shared
     )
