@@ -160,6 +160,7 @@ def predicted_rows(cfg: DictConfig, module: Any, threshold: float, found: InputF
 
     prep = module.hparams.preprocessing
     names, column = prep["class_names"], probability_column(prep["class_names"])
+    columns = probability_columns(names)  # three or more classes: one a class
     geometry = trained_geometry(prep, cfg.ckpt)
     root = input_path if input_path.is_dir() else input_path.parent
     # At most about PREDICT_BATCH_BYTES of float pixels at a time, whatever the image size.
@@ -181,7 +182,7 @@ def predicted_rows(cfg: DictConfig, module: Any, threshold: float, found: InputF
             if module.binary:
                 shown = {column: f"{prob:.6f}", "threshold": f"{threshold:.6f}"}
             else:
-                shown = {c: f"{p:.6f}" for c, p in zip(probability_columns(names), prob)}
+                shown = {c: f"{p:.6f}" for c, p in zip(columns, prob)}
             rows.append({
                 "path": path_text(path),
                 **shown,

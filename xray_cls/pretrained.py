@@ -168,9 +168,10 @@ def load_timm(net: nn.Module, weights: str, download: bool) -> None:
                                  num_classes=net.model.get_classifier().out_features)
     except Exception as err:  # noqa: BLE001  the hub's and the file's failures are many; each is one line
         raise UserInputError(f"{option}: timm could not load the weights of {net.name} ({str(err).splitlines()[0][:150]})") from None
-    head = {f"{k}" for k in net.model.state_dict() if k.startswith(net.model.default_cfg.get("classifier", "fc"))}
     from xray_cls.backbones import load_matching
 
+    classifier = net.model.default_cfg.get("classifier", "fc")
+    head = {k for k in net.model.state_dict() if k.startswith(f"{classifier}.")}  # the new head keeps its own init
     state = {k: v for k, v in twin.state_dict().items() if k not in head}
     load_matching(net.model, state, sorted(head), option)
 

@@ -157,10 +157,9 @@ def decoded_split(paths: list[Path], labels: list[int], size: int, cache_dir: Pa
     `sources`, the folders or table they came from), decoding into it first if needed, or decoded
     into memory without a cache."""
     source = " + ".join(str(d) for d in sources)
-    split_dirs = sources
     images = None
     if cache_dir is not None:
-        cache = cache_path(cache_dir, split_dirs, paths, labels, size, geometry)
+        cache = cache_path(cache_dir, sources, paths, labels, size, geometry)
         try:
             images = cached_images(cache, paths, size, geometry, source)
         except OSError as err:  # a read-only or full disk costs memory and speed, not the run

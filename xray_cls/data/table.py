@@ -311,6 +311,3 @@ class TableDataModule(ImageFolderDataModule):
 
     def patient_name(self, split: Split, index: int) -> str:
         return self.patient_of.get(str(split.paths[index]), "")  # type: ignore[index]
-
-    def _test_folder(self) -> Path | None:  # a table has no test/ folder
-        return None
