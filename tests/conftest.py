@@ -133,6 +133,10 @@ def image_count(layout: list[tuple[str, str, int]], split: str) -> int:
     return sum(n for s, _, n in layout if s == split)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-cases", default=None, help="cases per reader for the fuzz tests (pytest -m fuzz); CI runs a few dozen")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that starts a process (the CLI, a server) is `slow`: pytest -m "not slow" leaves
     out those, and the modules that mark themselves slow (services, benchmarks, long runs)."""
@@ -224,3 +228,13 @@ def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("mlp_run")
     train(compose_config(run_dir, ["model=mlp", *SHORT_RUN]))
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def case_server() -> Iterator[object]:
+    """The fuzzer's case server (tests/fuzz_server.py): commands run in forked children, under limits."""
+    from fuzzing import CaseServer
+
+    server = CaseServer()
+    yield server
+    server.close()

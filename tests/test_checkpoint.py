@@ -161,6 +161,7 @@ CRAFTED_NETWORKS = {
 }
 CRAFTED_VALUES = {  # never instantiated, but the loader uses them: plain values only
     "threshold": ({"_target_": "builtins.float"}, "threshold is a config to instantiate (builtins.float), not a number"),
+    "threshold above 1": (2**31, "threshold is 2147483648, not a number in [0, 1]"),  # found by the fuzzer: torchmetrics' traceback
     "pos_weight": ("heavy", "pos_weight is a str, not a number or None"),
     "temperature": ({"_target_": "builtins.float"}, "temperature is a config to instantiate (builtins.float), not a positive number"),
     "preprocessing": ({"image_size": [28, {"a": 1}]}, "preprocessing.image_size is a list holding a dict"),
@@ -217,7 +218,7 @@ def test_predict_and_evaluate_refuse_a_crafted_network(case: str, cnn_run: Path,
 def test_values_the_loader_uses_must_be_plain(hparam: str, cnn_run: Path, tmp_path: Path) -> None:
     value, expected = CRAFTED_VALUES[hparam]
     checkpoint = torch.load(cnn_run / "checkpoints" / "best.ckpt", weights_only=True)
-    checkpoint["hyper_parameters"][hparam] = value
+    checkpoint["hyper_parameters"][hparam.split()[0]] = value
     torch.save(checkpoint, tmp_path / "model.ckpt")
     with pytest.raises(UserInputError, match=re.escape(f"can be trusted: {expected}")):
         load_classifier(tmp_path / "model.ckpt")
@@ -338,3 +339,12 @@ def test_every_preprocessing_value_is_bounded(mlp_run: Path, tmp_path: Path, key
     torch.save(checkpoint, tmp_path / "model.ckpt")
     with pytest.raises(UserInputError, match=re.escape(f"can be trusted: {expected}")):
         load_classifier(tmp_path / "model.ckpt")
+
+
+def test_a_whole_number_threshold_is_taken(cnn_run: Path, tmp_path: Path) -> None:
+    """Found by the fuzzer: threshold 0, an int, made torchmetrics refuse the classifier with a traceback."""
+    checkpoint = torch.load(cnn_run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["threshold"] = 0
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+    module = load_classifier(tmp_path / "model.ckpt")
+    assert module.threshold == 0.0 and module.decisions(torch.tensor([0.001, 0.9])).tolist() == [1, 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -207,3 +208,25 @@ def test_a_checkpoint_naming_files_outside_its_run_is_refused(tmp_path: Path) ->
     with pytest.raises(UserInputError, match="victim.txt' as one of its run's checkpoints; expected a .ckpt file name"):
         train(compose_config(tmp_path / "unused", [*SHORT_RESUMABLE, "trainer.max_epochs=3", f"ckpt_path={last}"]))
     assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("part", "change", "expected"), [
+    ("version", lambda c: c.pop("pytorch-lightning_version"), "it records no Lightning version"),
+    ("optimizer", lambda c: [s.pop("step") for s in c["optimizer_states"][0]["state"].values()],
+     "optimizer_states does not load into this run's optimizer (KeyError"),
+    ("optimizer shape", lambda c: c["optimizer_states"][0]["state"][0].update(exp_avg=torch.zeros(3)),
+     "optimizer_states.state[0] does not fit its parameter"),
+    ("loops", lambda c: c["loops"]["fit_loop"].update({"epoch_progress": {"total": "x"}}), "loops.fit_loop.epoch_progress.total is 'x'"),
+    ("callback", lambda c: c["callbacks"].update({"ResumableTraining": {"train_seconds": [1, 2]}}),
+     "callbacks[ResumableTraining].train_seconds is a list of 2, not a number"),
+    ("random states", lambda c: c["rng_states"].update(torch=torch.zeros(3)), "rng_states.torch is not a state"),
+    ("weights", lambda c: c["state_dict"].update({"extra.weight": torch.zeros(1)}), "its state_dict differs from this run's module at extra"),
+])
+def test_a_training_state_lightning_would_trip_on_is_refused_before_it_restores(tmp_path: Path, part: str, change, expected: str) -> None:
+    """Found by the fuzzer: Lightning's restore ended in KeyError and RuntimeError tracebacks."""
+    last = interrupted_run(tmp_path / "run")
+    checkpoint = torch.load(last, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, last)
+    with pytest.raises(UserInputError, match=re.escape(f"ckpt_path={last} cannot be resumed: {expected}")):
+        train(compose_config(tmp_path / "unused", [*SHORT_RESUMABLE, f"ckpt_path={last}"]))

@@ -251,3 +251,29 @@ def test_a_table_cross_validates_by_patient(tmp_path: Path) -> None:
     rows = splits(tmp_path / "run")
     assert {r["fold"] for r in rows if r["split"] == "val"} == {"2"} and {r["fold"] for r in rows if r["split"] == "test"} == {""}
     assert_patients_apart(rows)
+
+
+def test_a_nul_in_an_image_path_is_one_line_naming_file_and_row(tmp_path: Path) -> None:
+    """Found by the fuzzer: os.path.realpath raised ValueError (embedded null byte)."""
+    root = tmp_path / "data"
+    write_table(root, [*generic_lines(), "img1\x00.png,no,p9"])
+    with pytest.raises(UserInputError, match=r"labels.csv row 14: the image path 'img1\\x00.png' holds a NUL character"):
+        table_run(tmp_path, *GENERIC, f"data.root={root}")
+
+
+def test_a_split_list_that_starts_with_a_bom_keeps_its_first_image(tmp_path: Path) -> None:
+    """Found by the fuzzer: the first name read as '\\ufeffimg0.png' and its image was left out as unlisted."""
+    root = tmp_path / "data"
+    write_table(root, generic_lines(24), images=24)
+    (root / "train.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(f"img{i}.png" for i in range(20)).encode() + b"\n")
+    (root / "test.txt").write_text("\n".join(f"img{i}.png" for i in range(20, 24)) + "\n")
+    table_run(tmp_path, *GENERIC, f"data.root={root}", "data.split_files={train: train.txt, test: test.txt}")
+    assert "img0.png" in {r["path"] for r in splits(tmp_path / "run")}
+
+
+def test_a_table_too_short_for_a_train_split_is_refused_before_the_run(tmp_path: Path) -> None:
+    """Found by the fuzzer: a table cut after its first rows read with an empty train split."""
+    root = tmp_path / "data"
+    write_table(root, generic_lines(2), images=2)
+    with pytest.raises(UserInputError, match=r"^data.csv: .*labels.csv: the train split has no image"):
+        table_run(tmp_path, *GENERIC, f"data.root={root}")

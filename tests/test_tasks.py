@@ -8,7 +8,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import SHORT_RUN, compose_config, write_image, write_kermany_named_folder

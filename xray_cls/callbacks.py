@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 
 from xray_cls.config import check_number
-from xray_cls.errors import RunInterrupted, UserInputError
+from xray_cls.errors import UserInputError
 from xray_cls.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
@@ -139,12 +139,13 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class ResumableTraining(L.Callback):
-    """Random generator states in every checkpoint; Ctrl+C checkpoints at a batch boundary, then stops."""
+    """Random generator states in every checkpoint; Ctrl+C (SIGINT) or SIGTERM checkpoints at a
+    batch boundary, then stops the run (a second signal stops it at once)."""
 
     def __init__(self, last_checkpoint: Path) -> None:
         self.last_checkpoint = last_checkpoint
-        self.stop_requested = False
-        self._previous_handler: Any = None
+        self.stop_requested: int | None = None  # the signal that asked for the stop
+        self._previous_handlers: dict[int, Any] = {}
         self.seconds_before = 0.0  # training time of the run before this process resumed it
         self._started: float | None = None
 
@@ -191,33 +192,38 @@ class ResumableTraining(L.Callback):
             torch.cuda.set_rng_state_all(states["cuda"])
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # Under DDP every process gets the Ctrl+C at a different batch: Lightning's own handling stays.
+        # Under DDP every process gets the signal at a different batch: Lightning's own handling stays.
         if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+            self._previous_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl+C stops at once
-        log.warning("Ctrl+C: stopping after this batch, with a checkpoint (press it again to stop at once)")
+        if self.stop_requested is not None:  # the second signal: at once, from the last epoch's checkpoint
+            from xray_cls.interrupts import stopped
+
+            last = f"ckpt_path={self.last_checkpoint}" if self.last_checkpoint.is_file() else "no checkpoint: run it again"
+            raise stopped(signum, f"stopped at once; resume with the same overrides and {last}")
+        self.stop_requested = signum
+        log.warning("%s: stopping after this batch, with a checkpoint (send it again to stop at once)", signal.Signals(signum).name)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        if self.stop_requested:
-            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)  # the full training state
-            raise RunInterrupted(
-                f"run stopped in epoch {trainer.current_epoch} after {trainer.global_step} steps; checkpoint "
-                f"{self.last_checkpoint}; resume with the same overrides and ckpt_path={self.last_checkpoint}"
-            )
+        if self.stop_requested is not None:
+            from xray_cls.interrupts import stopped
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)  # the full training state
+            raise stopped(self.stop_requested, f"run stopped in epoch {trainer.current_epoch} after {trainer.global_step} steps; "
+                                               f"checkpoint {self.last_checkpoint}; resume with the same overrides and "
+                                               f"ckpt_path={self.last_checkpoint}")
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._restore_handler()
+        self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_handler()
+        self._restore_handlers()
 
 
 def _rng_states() -> dict[str, Any]:

@@ -82,8 +82,9 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
             return f"net.{key} is {_kind(value)}, not a number, string, boolean, None or a list of those"
         if type(value) in (list, tuple) and len(value) > MAX_LIST_ARGUMENT:
             return f"net.{key} has {len(value):,} items; a network argument holds at most {MAX_LIST_ARGUMENT}"
-    if type(hparams.get("threshold", 0.5)) not in (int, float):
-        return f"threshold is {_kind(hparams['threshold'])}, not a number"
+    threshold = hparams.get("threshold", 0.5)
+    if type(threshold) not in (int, float) or not 0 <= threshold <= 1:
+        return f"threshold is {_kind(threshold) if type(threshold) not in (int, float) else threshold}, not a number in [0, 1]"
     temperature = hparams.get("temperature", 1.0)
     if type(temperature) not in (int, float) or not 0 < temperature < float("inf"):
         return f"temperature is {_kind(temperature) if type(temperature) not in (int, float) else temperature}, not a positive number"

@@ -135,6 +135,7 @@ class XrayClassifier(L.LightningModule):
             self.loss = nn.CrossEntropyLoss(weight=torch.tensor(class_weight, dtype=torch.float32) if class_weight else None)
         # Epoch-level metrics are updated every step and logged once an epoch: self.log() on every
         # step costs Lightning about a millisecond, as much as a whole step of the MLP.
+        threshold = float(threshold)  # torchmetrics takes a float, and a checkpoint may hold 0 or 1
         self.train_stats, self.val_stats = LossAccuracy(threshold), LossAccuracy(threshold)
         self.val_auroc = (BinaryAUROC(validate_args=False) if self.num_classes == 2
                           else MulticlassAUROC(self.num_classes, average="macro", validate_args=False))

@@ -84,15 +84,16 @@ def exit_on_user_error(command: Callable[[], Any]) -> Any:
     """
     try:
         return command()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before a command's own handlers are in place (interrupts.interruptible)
+        print("interrupted: nothing was written; run the command again", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         user_error = run_error(err)
         if user_error is None:
             raise
-        print(f"{'interrupted' if isinstance(user_error, RunInterrupted) else 'error'}: {error_line(err)}", file=sys.stderr)
-        sys.exit(130 if isinstance(user_error, RunInterrupted) else 2)
+        interrupted = isinstance(user_error, RunInterrupted)
+        print(f"{'interrupted' if interrupted else 'error'}: {error_line(err)}", file=sys.stderr)
+        sys.exit(user_error.exit_status if interrupted else 2)
 
 
 @contextmanager
@@ -102,6 +103,7 @@ def checkpoint_command(cfg: Any, command: str, results: list[str], what: str,
     (and each of `required`: key, example) given, then its output folder held for the block and
     refused when it holds any of `results`. Yields the output folder."""
     from xray_cls.config import check_options
+    from xray_cls.interrupts import interruptible
     from xray_cls.run_folder import taken
 
     check_options(cfg, command)
@@ -109,7 +111,7 @@ def checkpoint_command(cfg: Any, command: str, results: list[str], what: str,
     for key, expected in {"ckpt": "outputs/<run>/checkpoints/best.ckpt", **(required or {})}.items():
         require(cfg, key, expected)
     out_dir = Path(cfg.paths.output_dir)
-    with taken(out_dir, results, what):
+    with taken(out_dir, results, what), interruptible(lambda: f"{what} stopped unfinished ({', '.join(results)} not written); run the command again"):
         yield out_dir
 
 

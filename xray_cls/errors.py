@@ -18,7 +18,16 @@ class TrainingDivergedError(RunError, FloatingPointError):
 
 
 class RunInterrupted(RunError):
-    """The user stopped the run (Ctrl+C); the message says where its checkpoint is."""
+    """A signal stopped the command (Ctrl+C: SIGINT, or SIGTERM); the message says what to do next
+    (where the run's checkpoint is). The process exits with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
 
 
 def is_number(value: Any, kind: type | tuple[type, ...] = (int, float)) -> bool:

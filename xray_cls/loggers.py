@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from xray_cls.errors import UserInputError
-from xray_cls.files import write_csv, write_json
+from xray_cls.files import atomic_write, write_csv, write_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -128,8 +128,8 @@ def log_figures(loggers: list[Logger], figures: dict[str, Figure], step: int) ->
             elif isinstance(logger, WandbLogger):
                 logger.log_image(f"test/{name}", [figure_pixels(fig)], step=step)
             elif isinstance(logger, CSVLogger):
-                Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
-                fig.savefig(Path(logger.log_dir) / f"{name}.png", dpi=120)
+                with atomic_write(Path(logger.log_dir) / f"{name}.png") as tmp:
+                    fig.savefig(tmp, format="png", dpi=120)
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.flush()
 

@@ -13,7 +13,7 @@ from xray_cls.config import THRESHOLD_RULES
 NEUTRAL_THRESHOLD = 0.5  # where the (weighted) loss is indifferent between the classes
 
 
-def probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Calibrated probabilities of logits: of the positive class, (N,), for two classes' one logit;
     of each class, (N, K), for K >= 3 classes' logits."""
     scaled = logits / temperature

@@ -227,9 +227,11 @@ def make_test_figures(results: dict[str, Any], class_names: list[str]) -> dict[s
 
 def save_figures(figures: dict[str, Figure], folder: Path) -> None:
     """Each figure as folder/<name>.png (the loggers get them through `xray_cls.loggers.log_figures`)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    from xray_cls.files import atomic_write
+
     for name, fig in figures.items():
-        fig.savefig(folder / f"{name}.png", dpi=120)
+        with atomic_write(folder / f"{name}.png") as tmp:  # a stopped run leaves whole figures or none
+            fig.savefig(tmp, format="png", dpi=120)
 
 
 def format_test_table(metrics: dict[str, Any], title: str = "Test results") -> str:

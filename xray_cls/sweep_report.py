@@ -17,7 +17,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -406,16 +405,14 @@ class SweepReport(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from xray_cls.errors import UserInputError
+    from xray_cls.cli import exit_on_user_error
+    from xray_cls.interrupts import interruptible
 
     parser = argparse.ArgumentParser(prog="python -m xray_cls.sweep_report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. outputs/multirun/<date>/<time>")
     args = parser.parse_args(argv)
-    try:
-        print(write_report(args.sweep_dir))
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    with interruptible(lambda: "the report was not finished (each of its files is whole, old or new); run the command again"):
+        print(exit_on_user_error(lambda: write_report(args.sweep_dir)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered
 from xray_cls.cli import error_line, exit_on_user_error, quiet_libraries, run_error
 from xray_cls.config import CONFIG_DIR, check_number, check_options, in_multirun, is_number
 from xray_cls.errors import RunInterrupted, UserInputError
-from xray_cls.files import write_csv, write_json
+from xray_cls.files import write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_options(cfg, "train")  # a bad value is refused before anything is read or written
     quiet_libraries()
     folder = locate_run_folder(cfg)
-    with holding(folder.path):  # two runs, or two resumes of one run, cannot both go on in one folder
+    with holding(folder.path), stop_advice(folder):  # two runs, or two resumes of one run, cannot both go on in one folder
         prepare_run_folder(cfg, folder)
         datamodule, module = build_data_and_model(cfg, folder)
         fitted = fit(cfg, folder, datamodule, module)
@@ -95,6 +95,23 @@ def holding(path: Path) -> Any:
         yield
 
 
+def stop_advice(folder: RunFolder) -> Any:
+    """SIGINT or SIGTERM in any phase (reading, fitting, the val choices, the test, the report)
+    ends the run in one line: resume from its last.ckpt once one exists, else run it again."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from xray_cls.interrupts import interruptible
+
+    def advice() -> str:
+        last = folder.path / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return f"the run is unfinished (no metrics.json); resume with the same overrides and ckpt_path={last}"
+        return "no checkpoint was written yet; run the command again"
+
+    # DDP's other processes are stopped by Lightning's own handling, with the first one.
+    return interruptible(advice) if rank_zero_only.rank == 0 else contextlib.nullcontext()
+
+
 def prepare_run_folder(cfg: DictConfig, folder: RunFolder) -> None:
     """A new run's folder gets its config.yaml, once it is known to hold no other run (an explicit
     hydra.run.dir that does is refused); a resumed run's folder is kept as it is."""
@@ -105,24 +122,19 @@ def prepare_run_folder(cfg: DictConfig, folder: RunFolder) -> None:
     if folder.resume_from is not None or rank_zero_only.rank != 0:  # DDP starts the other processes with the same config
         return
     refuse_results(folder.path, ["metrics.json", "checkpoints"], "a run", "run")
-    OmegaConf.save(cfg, folder.path / "config.yaml", resolve=True)
+    write_text(folder.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
     """The seeded data, read so that the network can be sized to it, and the LightningModule."""
-    import lightning as L
-    from hydra.utils import instantiate
     from lightning.pytorch.utilities import rank_zero_only
 
     from xray_cls.classifier import XrayClassifier
     from xray_cls.pretrained import IMAGENET_GRAY, Pretraining, load_weights
     from xray_cls.run_report import network_summary
 
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, seed=cfg.seed, task=cfg.task)
-    datamodule.setup("fit")
+    datamodule = read_data(cfg)
     num_classes = len(datamodule.class_names)  # an .npz's labels may add classes to the task's
-    check_for_classes(cfg, num_classes)
     if rank_zero_only.rank == 0 and not (folder.path / "splits.csv").exists():  # a resumed run keeps its own
         columns = SPLITS_COLUMNS + (["fold"] if getattr(datamodule, "folds", None) else [])  # data.folds: cross-validation
         write_csv(folder.path / "splits.csv", datamodule.split_rows(), columns)
@@ -154,6 +166,19 @@ def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
     return datamodule, module
 
 
+def read_data(cfg: DictConfig) -> Any:
+    """The run's data, seeded and read (the network is sized to it), and checked against the
+    options that depend on how many classes it holds."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, seed=cfg.seed, task=cfg.task)
+    datamodule.setup("fit")
+    check_for_classes(cfg, len(datamodule.class_names))
+    return datamodule
+
+
 def continue_run(cfg: DictConfig, folder: RunFolder, net_cfg: dict[str, Any]) -> None:
     """Before a resumed run writes anything: the same network, its log, and what else changed."""
     from lightning.pytorch.utilities import rank_zero_only
@@ -174,6 +199,10 @@ def fit(cfg: DictConfig, folder: RunFolder, datamodule: Any, module: Any) -> Fit
     trainer = build_trainer(cfg, folder.path)
     hparams = run_hparams(cfg, datamodule.image_size)
     log_params(trainer.loggers, hparams)
+    if folder.resume_from is not None:
+        from xray_cls.resume import check_training_state
+
+        check_training_state(folder.resume_from, trainer, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=folder.resume_from, weights_only=True)
     resumable = next(c for c in trainer.callbacks if isinstance(c, ResumableTraining))
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
@@ -415,7 +444,7 @@ def _train_in_sweep(cfg: DictConfig) -> dict[str, Any] | None:
         return train(cfg)
     except RunInterrupted as err:  # Ctrl+C stops the whole sweep, not just this run
         print(f"interrupted: {error_line(err)}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(err.exit_status)
     except Exception as err:
         if run_error(err) is None:
             log.exception("run failed")

@@ -217,9 +217,27 @@ class XrayDataModule(L.LightningDataModule):
         for name, split in self.splits.items():
             log.info("%s split: %d images, %s = %s", name, len(split), "/".join(self.class_names),
                      split.class_counts(len(self.class_names)))
+        self.check_splits()
         if "train" in self.splits:  # evaluate reads no train split: the checkpoint has the statistics
             self.mean, self.std = pixel_mean_std(self.splits["train"])
             log.info("normalization from the train split: mean %.4f, std %.4f", self.mean, self.std)
+
+    def check_splits(self) -> None:
+        """Every split holds images, and train holds every class: else a run would fail (or learn
+        nothing of a class) only after it started."""
+        for name, split in self.splits.items():
+            if len(split) == 0:
+                raise UserInputError(f"{self.source_text()}: the {name} split has no images; expected images in train, val and test")
+        if "train" in self.splits:
+            counts = self.splits["train"].class_counts(len(self.class_names))
+            absent = [n for n, count in zip(self.class_names, counts) if count == 0]
+            if absent:
+                raise UserInputError(f"{self.source_text()}: the train split has no image of {', '.join(absent)} "
+                                     f"({'/'.join(self.class_names)} = {counts}); expected images of every class")
+
+    def source_text(self) -> str:
+        """The data as an option and its value, for the errors that name it."""
+        return "the data"
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -216,6 +216,9 @@ class ImageFolderDataModule(XrayDataModule):
         self.fold_of: dict[str, int] = {}  # with data.folds: each train and val image's fold, by path
         self.derived: dict[str, list[str]] = {}  # splits drawn from train, as paths relative to root
 
+    def source_text(self) -> str:
+        return f"data.root: {path_text(self.root)}"
+
     def read_splits(self) -> dict[str, Split]:
         if not self.root.is_dir():
             raise UserInputError(

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from xray_cls.config import MAX_IMAGE_SIZE
+from xray_cls.data import npz
 from xray_cls.data.datamodule import SPLITS, Split, XrayDataModule
 from xray_cls.data.images import resize_uint8
 from xray_cls.errors import UserInputError
@@ -20,30 +22,33 @@ log = logging.getLogger(__name__)
 BUNDLED_NPZ = Path(__file__).parent.parent / "bundled" / "pneumoniamnist.npz"
 
 
-def read_npz(path: Path) -> dict[str, Split]:
-    """MedMNIST layout: {train,val,test}_{images,labels}, images (N, H, W) or (N, H, W, C)."""
-    if not path.is_file():
-        raise UserInputError(f"data.path: {path} does not exist; expected a MedMNIST-style .npz file")
-    try:
-        archive = np.load(path)
-    except (OSError, ValueError) as err:
-        raise UserInputError(f"data.path: {path} is not a readable .npz file ({err})") from None
-    expected = [f"{split}_{part}" for split in SPLITS for part in ("images", "labels")]
-    missing = [key for key in expected if key not in archive.files]
-    if missing:
-        raise UserInputError(
-            f"data.path: {path} lacks the key(s) {', '.join(missing)}; expected {', '.join(expected)}"
-        )
-    splits = {}
-    for name in SPLITS:
-        images = torch.from_numpy(archive[f"{name}_images"])
-        if images.ndim == 4:  # colour MedMNIST sets: average to one channel, like folder images
-            images = images.float().mean(dim=-1).round().to(torch.uint8)
-        labels = torch.from_numpy(archive[f"{name}_labels"].reshape(-1).astype(np.int64))
-        if len(labels) != len(images):
-            raise UserInputError(f"data.path: {path} has {len(images)} {name} images and {len(labels)} labels; expected one label per image")
-        splits[name] = Split(images.unsqueeze(1).contiguous(), labels)
-    return splits
+def read_npz(path: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, Split]:
+    """MedMNIST layout: {train,val,test}_{images,labels}, images (N, H, W) or (N, H, W, C) of any
+    numeric type, read as uint8 gray (`npz.gray_images`); every entry checked before it is read."""
+    keys = [f"{split}_{part}" for split in splits for part in ("images", "labels")]
+    arrays = npz.read_arrays(path, keys)
+    where = npz.expected_npz(path)
+    read = {}
+    for name in splits:
+        images = npz.gray_images(arrays.pop(f"{name}_images"), where, f"{name}_images")
+        labels = npz.labels_of(arrays.pop(f"{name}_labels"), len(images), where, f"{name}_labels")
+        if 0 in images.shape[1:]:
+            raise UserInputError(f"{where}: {name}_images are empty pictures (shape {npz.shape_text(images.shape)}); "
+                                 "expected images of at least one pixel")
+        read[name] = Split(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1), torch.from_numpy(labels))
+    return read
+
+
+def square_splits(splits: dict[str, Split], size: int | None, geometry: str, where: str) -> dict[str, Split]:
+    """Every split at one square size: `size` (data.image_size), else the train split's short side,
+    non-square or differently sized images fitted by `geometry` as a folder's are."""
+    first = splits["train"] if "train" in splits else next(iter(splits.values()))
+    target = size or min(first.source.shape[-2:])
+    if size is None and target > MAX_IMAGE_SIZE:
+        raise UserInputError(f"{where} holds {target} px images, more than {MAX_IMAGE_SIZE}; expected data.image_size=<at most "
+                             f"{MAX_IMAGE_SIZE}> to resize them")
+    return {name: s if s.source.shape[-2:] == (target, target) else Split(resize_uint8(s.source, target, geometry), s.labels)
+            for name, s in splits.items()}
 
 
 def npz_task(path: Path, splits: dict[str, Split], task: Task, widen: bool = True) -> Task:
@@ -81,10 +86,10 @@ class PneumoniaMNISTDataModule(XrayDataModule):
         if classes is not None:
             self.task = make_task(self.task.record(), list(classes))
 
+    def source_text(self) -> str:
+        return npz.expected_npz(self.path)
+
     def read_splits(self) -> dict[str, Split]:
-        splits = read_npz(self.path)
+        splits = read_npz(self.path, (self.only_split,) if self.only_split else SPLITS)
         self.task = npz_task(self.path, splits, self.task, widen=self.only_split is None)
-        if self.requested_size is not None:
-            size = self.requested_size
-            splits = {k: Split(resize_uint8(s.images, size, self.geometry), s.labels) for k, s in splits.items()}
-        return splits
+        return square_splits(splits, self.requested_size, self.geometry, npz.expected_npz(self.path))

@@ -24,7 +24,6 @@ from xray_cls.data.datamodule import Split
 from xray_cls.data.folder import ImageFolderDataModule, decoded_split
 from xray_cls.errors import UserInputError
 from xray_cls.files import path_text
-from xray_cls.task import make_task
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +100,9 @@ class TableDataModule(ImageFolderDataModule):
 
     # --- reading the table ---
 
+    def source_text(self) -> str:
+        return f"data.csv: {', '.join(path_text(self.root / t) for t in self.tables.values())}"
+
     def read_splits(self) -> dict[str, Split]:
         if not self.root.is_dir():
             raise UserInputError(f"data.root: {self.root} does not exist or is not a folder; expected the dataset's folder")
@@ -149,7 +151,7 @@ class TableDataModule(ImageFolderDataModule):
                     continue
                 raw = self.raw_path(row, path, number)
                 named += 1
-                image = locate(raw)
+                image = locate(raw, f"{path_text(path)} row {number}")
                 if image is None:
                     missing.append(raw)
                     continue
@@ -218,13 +220,19 @@ class TableDataModule(ImageFolderDataModule):
                 with os.scandir(folder) as entries:
                     index.update({e.name: folder / e.name for e in entries})
 
-        def locate(raw: str) -> Path | None:
+        def locate(raw: str, where: str) -> Path | None:
+            if "\x00" in raw:
+                raise UserInputError(f"{where}: the image path {raw[:100]!r} holds a NUL character; expected a file name")
             candidate = index.get(raw) if index is not None else dirs[0] / raw
             if candidate is None:
                 return None
-            if not candidate.resolve().is_relative_to(root):
-                raise UserInputError(f"data.csv: the image path {raw[:100]!r} leaves data.root {self.root}; expected paths inside it")
-            return candidate if candidate.is_file() else None
+            try:
+                if not candidate.resolve().is_relative_to(root):
+                    raise UserInputError(f"{where}: the image path {raw[:100]!r} leaves data.root {self.root}; expected paths inside it")
+                return candidate if candidate.is_file() else None
+            except OSError as err:  # a name too long for the file system, a loop of links
+                raise UserInputError(f"{where}: the image path {raw[:100]!r} cannot be a file ({err.strerror}); expected a file name "
+                                     "under data.root") from None
 
         return locate
 
@@ -247,7 +255,7 @@ class TableDataModule(ImageFolderDataModule):
             path = self.root / name
             if not path.is_file():
                 raise UserInputError(f"data.split_files: {path} does not exist; expected a list of the {split} images, one a line")
-            for line in path.read_text(errors="replace").splitlines():
+            for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
                 if line.strip():
                     found[line.strip()] = split
         return found
