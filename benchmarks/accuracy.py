@@ -42,8 +42,8 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 
-from xray_cls.config import CONFIG_DIR
 from xray_cls.evaluate import evaluate
+from xray_cls.runtime.configs import CONFIG_DIR
 from xray_cls.train import train
 
 PUBLISHED = [  # ACC / AUROC on the same 624-image test set (MedMNIST v2 and its benchmarks)

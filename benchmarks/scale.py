@@ -91,7 +91,7 @@ def measure(root: Path, cache: Path | None, image_size: int, out_dir: Path, tabl
 
     from xray_cls.data import ImageFolderDataModule
     from xray_cls.data.folder import list_images
-    from xray_cls.config import CONFIG_DIR
+    from xray_cls.runtime.configs import CONFIG_DIR
     from xray_cls.train import train
 
     peak, stop = {"anon_kb": 0}, threading.Event()

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from xray_cls.data import ImageFolderDataModule, PneumoniaMNISTDataModule
-from xray_cls.config import CONFIG_DIR
+from xray_cls.runtime.configs import CONFIG_DIR
 
 BENCHMARKS = Path(__file__).parent
 
@@ -99,10 +99,12 @@ def plain_fit_seconds(overrides: list[str]) -> float:
     optimizer = instantiate(cfg.optimizer)(net.parameters())
     loss_fn = torch.nn.BCEWithLogitsLoss()
     train_split, val_split, batch = dm.splits["train"], dm.splits["val"], cfg.data.batch_size
+    train_images, val_images = batches_of(cfg.trainer.get("limit_train_batches"), len(train_split), batch), \
+        batches_of(cfg.trainer.get("limit_val_batches"), len(val_split), batch)
     started = time.perf_counter()
     for _ in range(cfg.trainer.max_epochs):
         net.train()
-        order = torch.randperm(len(train_split))
+        order = torch.randperm(len(train_split))[:train_images]
         correct, total_loss = 0, 0.0
         for i in range(0, len(order), batch):
             index = order[i : i + batch]
@@ -117,12 +119,19 @@ def plain_fit_seconds(overrides: list[str]) -> float:
         net.eval()
         correct, total_loss = 0, 0.0
         with torch.no_grad():
-            for i in range(0, len(val_split), batch):
+            for i in range(0, val_images, batch):
                 labels = val_split.labels[i : i + batch]
                 logits = net(dm.preprocess(val_split.images[i : i + batch]))
                 total_loss += loss_fn(logits, labels.float()).item() * len(labels)
                 correct += ((logits > 0).long() == labels).sum().item()
     return time.perf_counter() - started
+
+
+def batches_of(limit: int | float | None, size: int, batch: int) -> int:
+    """The images an epoch of `size` covers under Lightning's limit_*_batches (a count, or a share)."""
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return size
+    return min(size, int(limit) * batch if isinstance(limit, int) else int(limit * size))
 
 
 def abba(repeats: int, a: Callable[[], float], b: Callable[[], float]) -> tuple[list[float], list[float]]:
@@ -227,10 +236,10 @@ def gpu_overrides(model: str, batches: int) -> list[str]:
 def plain_gpu_images_per_second(model: str, batches: int) -> tuple[float, float]:
     """(images/s, peak GPU memory in GiB) of the same network in a hand-written bf16 loop on GPU
     tensors, timed after a warm-up of 5 batches."""
-    from xray_cls.networks import build_network
+    from xray_cls.models.networks import build_network
 
     device = torch.device("cuda")
-    net = build_network({"_target_": "xray_cls.backbones.TorchvisionNet", "name": model, "in_channels": 1,
+    net = build_network({"_target_": "xray_cls.models.backbones.TorchvisionNet", "name": model, "in_channels": 1,
                          "image_size": GPU_SIZE}).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     images = torch.randn(GPU_BATCH, 1, GPU_SIZE, GPU_SIZE, device=device).to(memory_format=torch.channels_last)
@@ -282,8 +291,9 @@ def main() -> None:
     if args.gpu:
         return gpu_main(10 if args.quick else 100)
     repeats = args.repeats or (1 if args.quick else 4)
-    # --quick: 1 epoch, and none of the after-training work (bootstrap, Grad-CAM) that train_seconds leaves out anyway
-    short = ["trainer.max_epochs=1", "bootstrap.resamples=0", "gradcam_samples=0"] if args.quick else []  # default: 12 epochs
+    # --quick: 1 epoch of 30 batches (both sides), and none of the after-training work (bootstrap, Grad-CAM)
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=30", "trainer.limit_val_batches=5", "bootstrap.resamples=0",
+             "gradcam_samples=0"] if args.quick else []  # default: 12 epochs
     n_images, height, width = (300, 600, 500) if args.quick else (5000, 1200, 1000)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, repeats {repeats}")
 
@@ -322,7 +332,7 @@ def main() -> None:
         epoch1, epoch2, rerun = (statistics.median(times) for times in zip(*folder))
         folder_rss = statistics.median(
             run_in_terminal([
-                sys.executable, "-m", "xray_cls", "trainer.max_epochs=1", *short[1:], f"hydra.run.dir={work / f'rss_folder_{i}'}",
+                sys.executable, "-m", "xray_cls", "trainer.max_epochs=1", *short[3:], f"hydra.run.dir={work / f'rss_folder_{i}'}",
                 "data=folder", f"data.root={root}", "data.image_size=64", f"data.cache_dir={work / f'rss_cache_{i}'}",
             ])
             for i in range(repeats)

@@ -17,8 +17,8 @@ import sys
 
 from hydra import compose, initialize_config_dir
 
-from xray_cls.cli import exit_on_user_error, quiet_libraries
-from xray_cls.config import CONFIG_DIR, check_options
+from xray_cls.runtime.configs import CONFIG_DIR
+from xray_cls.runtime.console import exit_on_user_error, quiet_libraries
 
 
 def summary(datamodule: object) -> dict:
@@ -40,9 +40,10 @@ def read_data() -> None:
         cfg = compose("train", overrides=sys.argv[1:])
 
     def read() -> None:
+        from xray_cls.train import check_run_options
         from xray_cls.train import read_data as read_like_a_run
 
-        check_options(cfg, "train")
+        check_run_options(cfg)
         quiet_libraries()
         print(json.dumps(summary(read_like_a_run(cfg))), flush=True)
 
@@ -50,21 +51,23 @@ def read_data() -> None:
 
 
 def stop_here() -> None:
-    """Send this process the signal the test asked for (XRAY_CLS_TEST_SIGNAL), once."""
+    """Send the signal the test asked for (XRAY_CLS_TEST_SIGNAL), once, to this process's group, as
+    a terminal's Ctrl+C reaches a command and its DataLoader workers."""
     signum = int(os.environ.pop("XRAY_CLS_TEST_SIGNAL", "0"))
     if signum:
-        os.kill(os.getpid(), signum)
+        os.killpg(os.getpgrp(), signum)
 
 
 def interrupted_run() -> None:
     """`python -m xray_cls OVERRIDES...` that signals itself in the phase XRAY_CLS_TEST_PHASE:
-    fit (its second training batch), choices (once the val choices are in best.ckpt, before
-    last.ckpt), test (its second test batch), report (while the first figure is being written)."""
+    fit (its second training batch), last validation (the last epoch's validation, after its last
+    training batch), choices (once the val choices are in best.ckpt, before last.ckpt), test (its
+    second test batch), report (while the first figure is being written)."""
     from matplotlib.figure import Figure
 
     from xray_cls import train
-    from xray_cls.classifier import XrayClassifier
-    from xray_cls.val_choices import ValChoices
+    from xray_cls.metrics.val_choices import ValChoices
+    from xray_cls.models.classifier import XrayClassifier
 
     phase = os.environ["XRAY_CLS_TEST_PHASE"]
 
@@ -73,18 +76,21 @@ def interrupted_run() -> None:
 
         def wrapped(self: object, *args: object, **kwargs: object) -> object:
             result = original(self, *args, **kwargs)
-            if when is None or when(*args):
+            if when is None or when(self, *args):
                 stop_here()
             return result
 
         setattr(cls, name, wrapped)
 
     if phase == "fit":
-        after(XrayClassifier, "training_step", lambda batch, index: index == 1)
+        after(XrayClassifier, "training_step", lambda module, batch, index: index == 1)
+    elif phase == "last validation":
+        after(XrayClassifier, "validation_step", lambda module, batch, index: not module.trainer.sanity_checking
+              and module.current_epoch == module.trainer.max_epochs - 1)
     elif phase == "choices":
         after(ValChoices, "record_in")
     elif phase == "test":
-        after(XrayClassifier, "test_step", lambda batch, index: index == 1)
+        after(XrayClassifier, "test_step", lambda module, batch, index: index == 1)
     elif phase == "report":
         after(Figure, "savefig")
     else:

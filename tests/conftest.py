@@ -14,13 +14,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import pytest
+# Two test files run at once (pytest-xdist, one per core). Each with every core's threads, torch's
+# OpenMP workers fight over the cores: a test of 3 s alone took 22 s. Each file's process, and the
+# commands it starts, take their share of the cores instead.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import numpy as np  # noqa: E402  (after the thread count, which the libraries read when first imported)
+import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from xray_cls.config import CONFIG_DIR
+from xray_cls.runtime.configs import CONFIG_DIR
 
 # A run that touches every stage (fit, val, test on the full test split) in a few seconds: the
 # users' debug=fast (3 train and 2 val batches, no bootstrap), with a second epoch so that every

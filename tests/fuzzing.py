@@ -269,8 +269,7 @@ def jpeg_layout(data: bytes) -> Layout:
 def dicom_layout(path: Path) -> Layout:
     """The image attributes' values (Rows, Columns, bit depths, samples, frames), every element's
     length field, and the elements, from pydicom's own element reader."""
-    from pydicom.filereader import read_preamble
-    from pydicom.filereader import data_element_generator
+    from pydicom.filereader import data_element_generator, read_preamble
 
     image_tags = {0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280102, 0x00280002, 0x00280008, 0x00280103}
     fields, chunks = [], []

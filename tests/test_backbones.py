@@ -14,16 +14,18 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import SHORT_RUN, compose_config
 from lightning.pytorch.callbacks import Callback
 
-from conftest import SHORT_RUN, compose_config
-from xray_cls.backbones import TorchvisionNet
-from xray_cls.checkpoint import load_classifier, read_checkpoint, write_checkpoint
-from xray_cls.errors import UserInputError
+from xray_cls.core.checkpoint_files import write_checkpoint
+from xray_cls.core.errors import UserInputError
 from xray_cls.evaluate import evaluate
+from xray_cls.models.backbones import TorchvisionNet
+from xray_cls.models.checkpoints import load_classifier, read_checkpoint
+from xray_cls.models.pretrained import IMAGENET_GRAY, Pretraining, load_weights
 from xray_cls.predict import predict
-from xray_cls.pretrained import IMAGENET_GRAY, Pretraining, load_weights
 from xray_cls.train import train
+
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:

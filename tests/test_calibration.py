@@ -12,11 +12,12 @@ from conftest import SHORT_RUN, compose_config, run_cli
 from test_train import load_events
 from torchmetrics.classification import BinaryCalibrationError
 
-from xray_cls.checkpoint import load_classifier, read_checkpoint
+from xray_cls.core.errors import UserInputError
 from xray_cls.data import PneumoniaMNISTDataModule, normalize
-from xray_cls.errors import UserInputError
 from xray_cls.evaluate import evaluate
-from xray_cls.metrics import CALIBRATION_BINS, calibration_error, choose_threshold, fit_temperature, reliability_bins
+from xray_cls.metrics.calibration import CALIBRATION_BINS, calibration_error, fit_temperature, reliability_bins
+from xray_cls.metrics.thresholds import choose_threshold
+from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.predict import predict
 from xray_cls.train import train
 
@@ -100,7 +101,7 @@ def test_evaluate_and_predict_output_calibrated_probabilities(calibrated_run: Pa
     rows = list(csv.DictReader(csv_path.open()))
     module = load_classifier(ckpt)
     module.temperature = 1.0  # the raw logits, to scale by the run's temperature below
-    from xray_cls.predict import find_inputs, read_chunk
+    from xray_cls.data.inputs import find_inputs, read_chunk
 
     found = find_inputs(kermany_root / "test")
     prep = module.hparams.preprocessing

@@ -11,10 +11,10 @@ import torch
 from conftest import compose_config, run_cli
 from hydra.utils import instantiate
 
-from xray_cls.checkpoint import load_classifier, read_checkpoint
+from xray_cls.core.errors import UserInputError
 from xray_cls.data import PneumoniaMNISTDataModule, normalize
-from xray_cls.errors import UserInputError
 from xray_cls.evaluate import evaluate
+from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.predict import predict
 
 
@@ -348,3 +348,29 @@ def test_a_whole_number_threshold_is_taken(cnn_run: Path, tmp_path: Path) -> Non
     torch.save(checkpoint, tmp_path / "model.ckpt")
     module = load_classifier(tmp_path / "model.ckpt")
     assert module.threshold == 0.0 and module.decisions(torch.tensor([0.001, 0.9])).tolist() == [1, 1]
+
+
+def test_a_flipped_byte_in_a_weight_is_refused_by_its_checksum(cnn_run: Path, tmp_path: Path) -> None:
+    """Found by the fuzzer: torch's reader never checks the zip's CRC-32s, so a damaged weight loaded
+    as another number (or NaN) and predict wrote probabilities of nan."""
+    import zipfile
+
+    source = cnn_run / "checkpoints" / "best.ckpt"
+    with zipfile.ZipFile(source) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)  # a weight tensor's bytes, stored
+        offset = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra) + 100
+    data = bytearray(source.read_bytes())
+    data[offset] ^= 0xFF
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(UserInputError, match=rf"ckpt={re.escape(str(damaged))} is damaged: .*{re.escape(entry.filename)} does not match its checksum"):
+        load_classifier(damaged)
+
+
+def test_weights_that_are_not_finite_are_refused(cnn_run: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(cnn_run / "checkpoints" / "best.ckpt", weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.startswith("net."))
+    checkpoint["state_dict"][key].view(-1)[0] = float("nan")
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    with pytest.raises(UserInputError, match=rf"holds weights that are not finite numbers \(NaN or infinity in {re.escape(key)}\)"):
+        load_classifier(tmp_path / "nan.ckpt")

@@ -9,10 +9,12 @@ import torch
 from conftest import SHORT_RUN, compose_config
 from torchmetrics.classification import BinaryAccuracy
 
-from xray_cls.classifier import LossAccuracy, XrayClassifier
-from xray_cls.errors import TrainingDivergedError, UserInputError
-from xray_cls.metrics import bootstrap_intervals, choose_threshold
-from xray_cls.train import label_smoothing, positive_class_weight, train
+from xray_cls.core.errors import TrainingDivergedError, UserInputError
+from xray_cls.metrics.bootstrap import bootstrap_intervals
+from xray_cls.metrics.thresholds import choose_threshold
+from xray_cls.models.classifier import LossAccuracy, XrayClassifier
+from xray_cls.train import train
+from xray_cls.training.losses import label_smoothing, positive_class_weight
 
 
 def test_loss_accuracy_matches_torchmetrics_over_uneven_batches() -> None:
@@ -50,7 +52,7 @@ def test_invalid_positive_class_weight_is_named(setting: object) -> None:
 
 
 def test_pos_weight_scales_the_loss_of_positive_images() -> None:
-    net = {"_target_": "xray_cls.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
+    net = {"_target_": "xray_cls.models.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
     optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
     plain = XrayClassifier(net=net, optimizer=optimizer)
     weighted = XrayClassifier(net=net, optimizer=optimizer, pos_weight=0.25)
@@ -62,7 +64,7 @@ def test_pos_weight_scales_the_loss_of_positive_images() -> None:
 
 
 def test_label_smoothing_softens_the_training_targets_only() -> None:
-    net = {"_target_": "xray_cls.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
+    net = {"_target_": "xray_cls.models.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
     module = XrayClassifier(net=net, label_smoothing=0.2)
     torch.manual_seed(0)
     images, labels = torch.randn(6, 1, 4, 4), torch.tensor([1, 0, 1, 1, 0, 0])
@@ -168,9 +170,9 @@ def test_unknown_threshold_rule_lists_the_rules() -> None:
 
 
 def test_applied_choices_move_every_thresholded_test_metric() -> None:
-    from xray_cls.val_choices import ValChoices
+    from xray_cls.metrics.val_choices import ValChoices
 
-    net = {"_target_": "xray_cls.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
+    net = {"_target_": "xray_cls.models.networks.MLP", "in_channels": 1, "image_size": 4, "hidden": [], "dropout": 0}
     module = XrayClassifier(net=net, optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
     module.apply_choices(ValChoices(threshold=0.8))
     probs, labels = torch.tensor([0.7, 0.9, 0.2]), torch.tensor([1, 1, 0])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +84,16 @@ def test_image_size_not_a_positive_integer(tmp_path: Path, value: str) -> None:
 def test_unknown_model_lists_the_choices(tmp_path: Path) -> None:
     # Hydra's own message for a config group option that does not exist.
     assert_one_clear_error(["model=resnet9000"], tmp_path, "model/resnet9000", "cnn", "mlp")
+
+
+@pytest.mark.parametrize("launcher", [["xray-cls"], [sys.executable, "-m", "xray_cls"]], ids=["console script", "python -m xray_cls"])
+def test_the_console_script_runs_each_command_by_its_name(launcher: list[str], tmp_path: Path) -> None:
+    """`xray-cls evaluate ...` is `python -m xray_cls.evaluate ...`; no command name is `train`."""
+    if launcher[0] == "xray-cls" and shutil.which("xray-cls") is None:
+        pytest.skip("the xray-cls script is not on PATH (pip install -e . puts it there)")
+    evaluate = subprocess.run([*launcher, "evaluate"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert evaluate.returncode == 2 and user_error_line(evaluate.stderr) == "error: ckpt is not set; expected ckpt=outputs/<run>/checkpoints/best.ckpt"
+    report = subprocess.run([*launcher, "sweep-report", str(tmp_path / "none")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 2 and "is not a folder; expected a sweep folder" in user_error_line(report.stderr)
+    train = subprocess.run([*launcher, "data.aug=strongest"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert train.returncode == 2 and user_error_line(train.stderr).startswith("error: data.aug='strongest' is not a known augmentation preset")

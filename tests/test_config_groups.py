@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import SHORT_RUN, compose_config
 
-from xray_cls.errors import UserInputError
-from xray_cls.loggers import read_epoch_curves
-from xray_cls.train import build_trainer, train
+from xray_cls.core.errors import UserInputError
+from xray_cls.train import train
+from xray_cls.training.loggers import read_epoch_curves
+from xray_cls.training.trainer import build_trainer
 
 
 def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import compose_config, make_kermany_folder, run_cli
 
-from xray_cls import course_report, sweep_report
-from xray_cls.networks import ReportCNN, ReportDense, build_network
-from xray_cls.run_report import network_summary, parameter_counts
+from xray_cls import sweep_report
+from xray_cls.models.networks import ReportCNN, ReportDense, build_network
+from xray_cls.reports import course_report
+from xray_cls.reports.network_summary import network_summary, parameter_counts
 
 REPORT_RUNS = ["dense", "cnn", "cnn_no_dropout", "cnn_strong_aug", "cnn_mild_aug"]
 
@@ -69,11 +70,11 @@ def test_the_experiment_is_the_reports_five_runs(tmp_path: Path) -> None:
     assert (cfg.data.image_size, cfg.data.batch_size, cfg.trainer.max_epochs, cfg.checkpoint.test) == (256, 32, 12, "last")
     assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 0.001 and cfg.threshold_rule == "fixed"
     expected = {
-        "dense": ("xray_cls.networks.ReportDense", 0.5, "none"),
-        "cnn": ("xray_cls.networks.ReportCNN", 0.5, "none"),
-        "cnn_no_dropout": ("xray_cls.networks.ReportCNN", 0, "none"),
-        "cnn_strong_aug": ("xray_cls.networks.ReportCNN", 0.5, "strong"),
-        "cnn_mild_aug": ("xray_cls.networks.ReportCNN", 0.5, "mild"),
+        "dense": ("xray_cls.models.networks.ReportDense", 0.5, "none"),
+        "cnn": ("xray_cls.models.networks.ReportCNN", 0.5, "none"),
+        "cnn_no_dropout": ("xray_cls.models.networks.ReportCNN", 0, "none"),
+        "cnn_strong_aug": ("xray_cls.models.networks.ReportCNN", 0.5, "strong"),
+        "cnn_mild_aug": ("xray_cls.models.networks.ReportCNN", 0.5, "mild"),
     }
     for run, (target, dropout, aug) in expected.items():
         run_cfg = compose_config(tmp_path, ["+experiment=report", "data.root=x", f"+report_run={run}"])
@@ -87,7 +88,7 @@ def test_the_report_figures_file_names_its_source() -> None:
 
 
 def test_a_last_epoch_run_tests_the_last_epochs_weights(tmp_path: Path) -> None:
-    from xray_cls.checkpoint import load_classifier
+    from xray_cls.models.checkpoints import load_classifier
     from xray_cls.train import train
 
     metrics = train(compose_config(tmp_path, ["model=mlp", "debug=fast", "trainer.max_epochs=2", "checkpoint.test=last",

@@ -8,11 +8,11 @@ import csv
 from pathlib import Path
 
 import pytest
-
 from conftest import SHORT_RUN, run_cli, write_kermany_named_folder
+
+from xray_cls.core.errors import UserInputError
 from xray_cls.data import ImageFolderDataModule
-from xray_cls.data.folder import patient_groups
-from xray_cls.errors import UserInputError
+from xray_cls.data.patients import patient_groups
 
 
 @pytest.fixture(scope="module")

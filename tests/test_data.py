@@ -20,6 +20,7 @@ from conftest import FOLDER_LAYOUT, at_depth, image_count, make_kermany_folder, 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from xray_cls.core.errors import UserInputError
 from xray_cls.data import (
     AUGMENT_PRESETS,
     BUNDLED_NPZ,
@@ -36,7 +37,6 @@ from xray_cls.data import (
     resize_uint8,
 )
 from xray_cls.data.augment import mixup
-from xray_cls.errors import UserInputError
 
 # --- bundled PneumoniaMNIST ---------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Every `python -m xray_cls...` command that README.md and docs/ show composes as written.
+"""Every `python -m xray_cls...` and `xray-cls ...` command that README.md and docs/ show composes as written.
 
 Each command's overrides are composed with Hydra into the config the command would run with (what
 `--cfg job` prints), so an override the docs name and the configs do not know (a renamed option, a
@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from xray_cls.config import CONFIG_DIR
+from xray_cls.runtime.configs import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,7 +37,19 @@ def shown_commands() -> list[tuple[str, str]]:
                         part = part[5:]
                     if part.startswith("python -m xray_cls"):
                         commands.append((page.name, part))
+                    elif part.startswith("xray-cls"):  # the console script: the same commands
+                        commands.append((page.name, as_module(part)))
     return commands
+
+
+def as_module(command: str) -> str:
+    """`xray-cls evaluate ckpt=...` as the `python -m xray_cls.evaluate ckpt=...` it runs."""
+    from xray_cls.__main__ import COMMANDS as CONSOLE
+
+    words = shlex.split(command)
+    name = words[1] if len(words) > 1 and words[1] in CONSOLE else "train"
+    module = "xray_cls" if name == "train" else CONSOLE[name]
+    return shlex.join(["python", "-m", module, *words[1 + (len(words) > 1 and words[1] == name):]])
 
 
 COMMANDS = shown_commands()

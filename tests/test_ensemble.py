@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import compose_config, run_cli
 
-from xray_cls.checkpoint import load_classifier
 from xray_cls.data import PneumoniaMNISTDataModule, normalize
-from xray_cls.ensemble import shifted_views
 from xray_cls.evaluate import evaluate
-from xray_cls.metrics import choose_threshold
+from xray_cls.evaluation.ensemble import shifted_views
+from xray_cls.metrics.thresholds import choose_threshold
+from xray_cls.models.checkpoints import load_classifier
 from xray_cls.predict import predict
 
 

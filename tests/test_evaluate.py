@@ -10,7 +10,7 @@ from conftest import FOLDER_LAYOUT, compose_config, image_count, run_cli
 from test_predict import with_geometry
 from test_train import assert_confusion_matrix_adds_up, load_events
 
-from xray_cls.errors import UserInputError
+from xray_cls.core.errors import UserInputError
 from xray_cls.evaluate import evaluate
 
 
@@ -104,9 +104,9 @@ def test_a_bf16_runs_test_is_reproduced_by_a_float32_evaluation(tmp_path: Path) 
 def test_test_probabilities_are_float32_under_bf16_autocast() -> None:
     import torch
 
-    from xray_cls.classifier import XrayClassifier
+    from xray_cls.models.classifier import XrayClassifier
 
-    net = {"_target_": "xray_cls.networks.CNN", "in_channels": 1, "image_size": 8, "channels": [4], "hidden": [], "dropout": 0}
+    net = {"_target_": "xray_cls.models.networks.CNN", "in_channels": 1, "image_size": 8, "channels": [4], "hidden": [], "dropout": 0}
     module = XrayClassifier(net=net)
     images, labels = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 0, 1, 1, 0])
     with torch.no_grad():

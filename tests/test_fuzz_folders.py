@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_kermany_folder
-from fuzzing import CaseServer, assert_handled, assert_writes_only_in, case_folders, data_summary, fuzz_cases, fuzz_settings, snapshot
+from fuzzing import (
+    CaseServer,
+    assert_handled,
+    assert_writes_only_in,
+    case_folders,
+    data_summary,
+    fuzz_cases,
+    fuzz_settings,
+    snapshot,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_train import load_events
 
-from xray_cls.gradcam import class_balanced_sample, grad_cam
-from xray_cls.networks import CNN, MLP
+from xray_cls.models.networks import CNN, MLP
+from xray_cls.reports.gradcam import class_balanced_sample, grad_cam
 
 SIZE, PATCH = 28, 6
 

@@ -20,15 +20,18 @@ pytestmark = pytest.mark.slow
 
 # Augmentation and dropout draw random numbers: an exact resume needs the generators restored.
 RUN = ["model=mlp", "debug=fast", "trainer.max_epochs=2", "data.aug=strong", "gradcam_samples=2", "bootstrap.resamples=20"]
-PHASES = ["fit", "choices", "test", "report"]
+PHASES = ["fit", "last validation", "choices", "test", "report"]
+
+
+def finished(case_server: CaseServer, case: Path, run: list[str]) -> dict:
+    outcome = case_server.run("xray_cls.train", [*run, f"hydra.run.dir={case / 'run'}"], case, timeout=300)
+    assert outcome.exit == 0, outcome.describe()
+    return json.loads((case / "run" / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(case_server: CaseServer, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    case = tmp_path_factory.mktemp("uninterrupted")
-    outcome = case_server.run("xray_cls.train", [*RUN, f"hydra.run.dir={case / 'run'}"], case, timeout=300)
-    assert outcome.exit == 0, outcome.describe()
-    return json.loads((case / "run" / "metrics.json").read_text())
+    return finished(case_server, tmp_path_factory.mktemp("uninterrupted"), RUN)
 
 
 def assert_whole(run_dir: Path) -> None:
@@ -47,15 +50,13 @@ def assert_whole(run_dir: Path) -> None:
     assert isinstance(yaml.safe_load((run_dir / "config.yaml").read_text()), dict)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("phase", PHASES)
-def test_a_run_stopped_in_any_phase_says_how_to_resume_and_resumes_to_the_same_result(
-    case_server: CaseServer, uninterrupted: dict, tmp_path: Path, phase: str, signum: int
-) -> None:
+def stop_and_resume(case_server: CaseServer, tmp_path: Path, run: list[str], phase: str, signum: int) -> dict:
+    """The run stopped by `signum` in `phase`: one line saying how to resume, every file whole;
+    then resumed as that line says. Returns the resumed run's metrics.json."""
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    stopped = case_server.run("case_entries:interrupted_run", [*RUN, f"hydra.run.dir={run_dir}"], tmp_path, timeout=300,
-                         env={"XRAY_CLS_TEST_PHASE": phase, "XRAY_CLS_TEST_SIGNAL": str(int(signum))})
+    stopped = case_server.run("case_entries:interrupted_run", [*run, f"hydra.run.dir={run_dir}"], tmp_path, timeout=300,
+                              env={"XRAY_CLS_TEST_PHASE": phase, "XRAY_CLS_TEST_SIGNAL": str(int(signum))})
     assert stopped.exit == 128 + signum, stopped.describe()
     assert "Traceback" not in stopped.stderr, stopped.describe()
     line = stopped.stderr.strip().splitlines()[-1]
@@ -64,10 +65,31 @@ def test_a_run_stopped_in_any_phase_says_how_to_resume_and_resumes_to_the_same_r
     assert not (run_dir / "metrics.json").exists()
     assert_whole(run_dir)
 
-    resumed = case_server.run("xray_cls.train", [*RUN, f"ckpt_path={last}"], tmp_path, timeout=300)
+    resumed = case_server.run("xray_cls.train", [*run, f"ckpt_path={last}"], tmp_path, timeout=300)
     assert resumed.exit == 0, resumed.describe()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert_whole(run_dir)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_same_result(metrics: dict, uninterrupted: dict) -> None:
     for key in ("confusion_matrix", "test", "test_ci", "threshold", "epochs"):
         assert metrics[key] == uninterrupted[key], key
     assert metrics["best_checkpoint"]["score"] == uninterrupted["best_checkpoint"]["score"]
-    assert_whole(run_dir)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_run_stopped_in_any_phase_says_how_to_resume_and_resumes_to_the_same_result(
+    case_server: CaseServer, uninterrupted: dict, tmp_path: Path, phase: str, signum: int
+) -> None:
+    assert_same_result(stop_and_resume(case_server, tmp_path, RUN, phase, signum), uninterrupted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_run_with_loader_workers_stops_with_them_and_resumes(case_server: CaseServer, kermany_root: Path, tmp_path: Path,
+                                                              signum: int) -> None:
+    """The signal reaches the DataLoader workers too, as a terminal's Ctrl+C does: they leave it to the run."""
+    run = ["model=mlp", "debug=fast", "trainer.max_epochs=2", "data=folder", f"data.root={kermany_root}", "data.image_size=16",
+           "data.num_workers=2", "data.min_val_images=4", "data.batch_size=8", "gradcam_samples=0", "bootstrap.resamples=20"]
+    expected = finished(case_server, tmp_path / "uninterrupted", run)
+    assert_same_result(stop_and_resume(case_server, tmp_path / "stopped", run, "fit", signum), expected)

@@ -17,9 +17,9 @@ import yaml
 from conftest import SHORT_RUN, compose_config, free_port, local_server, run_cli
 from test_train import load_events
 
-from xray_cls import sweep_report
-from xray_cls.loggers import build_loggers, read_epoch_curves
+from xray_cls.reports.sweep_runs import read_curves
 from xray_cls.train import train
+from xray_cls.training.loggers import build_loggers, read_epoch_curves
 
 pytestmark = pytest.mark.slow  # starts an MLflow server and runs through the CLI
 
@@ -127,7 +127,7 @@ def test_a_sweep_is_one_mlflow_experiment_with_a_run_per_job(mlflow_url: str, tm
     assert [r["status"] for r in rows] == ["ok", "ok"]
     for job in ("0", "1"):
         assert len(load_events(sweep_dir / job).Scalars("loss/val")) == 2
-        assert {tag: len(values) for tag, values in sweep_report.read_curves(sweep_dir / job).items()} == {"acc/val": 2, "loss/val": 2}
+        assert {tag: len(values) for tag, values in read_curves(sweep_dir / job).items()} == {"acc/val": 2, "loss/val": 2}
     assert (sweep_dir / "figures" / "val_loss.png").read_bytes()[:8] == PNG
 
 

@@ -19,9 +19,10 @@ import pytest
 from conftest import SHORT_RUN, make_kermany_folder, run_cli, write_dicom
 from PIL import Image
 
+from xray_cls.core.errors import UserInputError
 from xray_cls.data import read_image
-from xray_cls.data.images import read_dicom, to_grayscale
-from xray_cls.errors import UserInputError
+from xray_cls.data.dicom import read_dicom
+from xray_cls.data.images import to_grayscale
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -143,7 +144,7 @@ def test_16_bit_images_become_8_bit_a_band_at_a_time(tmp_path: Path) -> None:
 
 
 def test_dicoms_become_8_bit_a_band_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from xray_cls.data import images
+    from xray_cls.data import headers
 
     pixels = (np.random.default_rng(3).random((3000, 3000)) * 4095).astype(np.uint16)
     path = write_dicom(tmp_path / "big.dcm", pixels, bits_stored=12, RescaleSlope=1.5, RescaleIntercept=-100,
@@ -155,7 +156,7 @@ def test_dicoms_become_8_bit_a_band_at_a_time(tmp_path: Path, monkeypatch: pytes
     # pydicom's pixel data and its uint16 array (18 MB each), the result (9 MB) and 8 MB bands; not
     # the 72 MB float64 copies of the whole image
     assert peak < 70 * 2**20
-    monkeypatch.setattr(images, "BAND_PIXELS", 10**12)  # the whole image as one band: what it was before
+    monkeypatch.setattr(headers, "BAND_PIXELS", 10**12)  # the whole image as one band: what it was before
     assert np.array_equal(gray, read_dicom(path))
 
 

@@ -12,17 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import SHORT_RUN, compose_config, write_kermany_named_folder
+from PIL import Image
 from test_train import load_events
+
 from xray_cls import sweep_report
-from xray_cls.checkpoint import load_classifier, read_checkpoint, write_checkpoint
-from xray_cls.errors import UserInputError
+from xray_cls.core.checkpoint_files import write_checkpoint
+from xray_cls.core.errors import UserInputError
 from xray_cls.evaluate import evaluate
-from xray_cls.metrics import bootstrap_intervals, fit_temperature, per_class_scores
+from xray_cls.metrics.bootstrap import bootstrap_intervals
+from xray_cls.metrics.calibration import fit_temperature
+from xray_cls.metrics.per_class import per_class_scores
+from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.predict import predict
-from xray_cls.train import class_weights, train
+from xray_cls.train import train
+from xray_cls.training.losses import class_weights
 
 # A public four-folder layout (COVID-19 Radiography Database), names with a space and mixed case.
 FOUR = ["COVID", "Normal", "Lung_Opacity", "Viral Pneumonia"]

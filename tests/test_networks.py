@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from xray_cls.errors import UserInputError
-from xray_cls.networks import CNN, MLP, ResNet
-from xray_cls.run_report import network_summary, parameter_counts
+from xray_cls.core.errors import UserInputError
+from xray_cls.models.networks import CNN, MLP, ResNet
+from xray_cls.reports.network_summary import network_summary, parameter_counts
 
 
 def dense_params(widths: list[int]) -> int:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xray_cls.core.errors import UserInputError
 from xray_cls.data import BUNDLED_NPZ, read_npz
-from xray_cls.errors import UserInputError
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +59,55 @@ def test_a_header_claiming_58_gib_is_refused_before_anything_is_allocated(arrays
     assert peak < 2**22
 
 
+def central_record(data: bytes, key: str) -> int:
+    """Where the central directory record of entry `key` starts."""
+    return next(i for i in range(len(data)) if data.startswith(b"PK\x01\x02", i) and data[i + 46 : i + 46 + len(key)] == key.encode())
+
+
+def compressed(path: Path, arrays: dict[str, np.ndarray]) -> bytearray:
+    np.savez_compressed(path, **arrays)
+    return bytearray(path.read_bytes())
+
+
 def test_an_entry_claiming_more_than_deflate_can_expand_to_is_refused(arrays: dict, tmp_path: Path) -> None:
-    path = save(tmp_path / "data.npz", arrays)
-    data = bytearray(path.read_bytes())
-    central = data.find(b"PK\x01\x02")  # the first entry's uncompressed size, in its central directory record
-    data[central + 24 : central + 28] = (2**32 - 1).to_bytes(4, "little")
+    path = tmp_path / "data.npz"
+    data = compressed(path, arrays)
+    record = central_record(data, "train_images.npy")
+    data[record + 24 : record + 28] = (2**32 - 1).to_bytes(4, "little")  # its uncompressed size
     path.write_bytes(bytes(data))
     assert "more than deflate can expand to" in refused(path)
+
+
+def test_an_entry_claiming_more_compressed_data_than_the_file_holds_is_refused(arrays: dict, tmp_path: Path) -> None:
+    """Found in review: with both sizes raised together, deflate's ratio allowed a 49 GiB allocation for a 1.5 KB file."""
+    path = tmp_path / "data.npz"
+    data = compressed(path, arrays)
+    record = central_record(data, "train_images.npy")
+    data[record + 20 : record + 24] = (50_000_000).to_bytes(4, "little")  # compressed size
+    data[record + 24 : record + 28] = (2**32 - 1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    assert "of data that the file does not hold" in refused(path)
+
+
+def test_a_deflate_stream_damaged_after_its_header_is_one_line(arrays: dict, tmp_path: Path) -> None:
+    """Found in review: zlib.error escaped as a traceback."""
+    path = tmp_path / "data.npz"
+    data = compressed(path, {**arrays, "train_images": np.random.default_rng(0).integers(0, 256, (200, 28, 28), dtype=np.uint8),
+                             "train_labels": np.zeros((200, 1), np.uint8)})
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("train_images.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.compress_size // 2 : start + info.compress_size // 2 + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+    message = refused(path)
+    assert "is not a readable .npz file" in message
+
+
+def test_integer_pixels_are_scaled_by_each_images_own_depth(arrays: dict, tmp_path: Path) -> None:
+    """Found in review: the depth came from a split's brightest pixel, so one picture read differently in train and test."""
+    twelve = (arrays["test_images"].astype(np.uint16) * 4095 // 255)
+    split = read_npz(save(tmp_path / "data.npz", arrays, test_images=twelve, train_images=twelve[:20]))
+    assert np.array_equal(split["test"].source[:20].numpy(), split["train"].source.numpy())
 
 
 def test_a_npy_header_length_of_one_is_one_line(arrays: dict, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import SHORT_RUN, run_cli
 
-from xray_cls.checkpoint import read_checkpoint
+from xray_cls.models.checkpoints import read_checkpoint
 
 pytestmark = pytest.mark.slow  # kills runs, fills disks and races commands through the CLI
 
@@ -150,7 +150,7 @@ def test_a_full_run_folder_disk_is_one_line_and_keeps_the_earlier_checkpoints(tm
 SLOW_WRITER = """
 import runpy, sys, time
 from pathlib import Path
-import xray_cls.checkpoint as checkpoint
+import xray_cls.core.checkpoint_files as checkpoint
 slow_call, marker = int(sys.argv[1]), Path(sys.argv[2])
 calls, write = [0], checkpoint.write_bytes
 def slow(path, data):

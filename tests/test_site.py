@@ -16,9 +16,9 @@ import torch
 from conftest import compose_config
 from PIL import Image
 
-from xray_cls.checkpoint import load_classifier, read_checkpoint
-from xray_cls.errors import UserInputError
-from xray_cls.site import adapt_batch_norm, batch_norm_layers, files_digest
+from xray_cls.core.errors import UserInputError
+from xray_cls.evaluation.site import adapt_batch_norm, batch_norm_layers, files_digest
+from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 
 RNG = np.random.default_rng(0)
 
@@ -152,7 +152,8 @@ def test_adapt_refuses_in_one_line(case: str, expected: str, mlp_run: Path, tmp_
 
 def test_recalibration_on_an_unbalanced_folder_uses_the_runs_rule(resnet_run: Path, site_data: dict[str, Path], tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    from xray_cls.metrics import choose_threshold, fit_temperature
+    from xray_cls.metrics.calibration import fit_temperature
+    from xray_cls.metrics.thresholds import choose_threshold
     from xray_cls.recalibrate import recalibrate
 
     few = tmp_path / "labeled"
@@ -170,7 +171,7 @@ def test_recalibration_on_an_unbalanced_folder_uses_the_runs_rule(resnet_run: Pa
 
     # The same choice by hand, on those images' logits: the run's rule (youden) and calibration (temperature).
     from xray_cls.data import normalize
-    from xray_cls.predict import find_inputs, read_chunk
+    from xray_cls.data.inputs import find_inputs, read_chunk
 
     module = load_classifier(ckpt)
     found = find_inputs(few)
@@ -201,8 +202,8 @@ def test_recalibration_on_one_class_is_refused(resnet_run: Path, site_data: dict
     with pytest.raises(UserInputError, match="holds no images"):
         recalibrate(compose_config(tmp_path / "out", [f"ckpt={resnet_run / 'checkpoints' / 'best.ckpt'}", f"data.root={only}"],
                                    name="recalibrate"))
-    from xray_cls.site import recalibrated_choices
-    from xray_cls.val_choices import ValChoices
+    from xray_cls.evaluation.site import recalibrated_choices
+    from xray_cls.metrics.val_choices import ValChoices
 
     with pytest.raises(UserInputError, match=r"the calibration images hold one class only \(NORMAL/PNEUMONIA = \[5, 0\]\)"):
         recalibrated_choices(ValChoices(rule="youden"), torch.zeros(5), torch.zeros(5, dtype=torch.long), 0.95)
@@ -224,8 +225,8 @@ def test_the_site_protocol_reports_the_test_part_before_and_after(resnet_run: Pa
 
 
 def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshold(resnet_run: Path, site_data: dict[str, Path]) -> None:
-    from xray_cls.evaluate import evaluation_data
-    from xray_cls.site_protocol import site_model, site_parts
+    from xray_cls.evaluation.reading import evaluation_data
+    from xray_cls.evaluation.site_protocol import site_model, site_parts
 
     cfg = compose_config(Path("unused"), ["data=folder", f"data.root={site_data['site']}", "site.calibration_fraction=0.2",
                                           "site.adapt=bn", "site.adapt_on=all", "site.recalibrate=true"], name="evaluate")

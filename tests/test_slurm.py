@@ -195,7 +195,7 @@ def test_a_requeued_job_continues_its_run_and_ends_as_the_uninterrupted_one(swee
 def test_a_requeued_job_never_takes_over_a_finished_run_or_another_config(sweep: tuple[Path, str], tmp_path: Path) -> None:
     from conftest import compose_config
 
-    from xray_cls.resume import requeued_checkpoint
+    from xray_cls.training.resume import requeued_checkpoint
 
     sweep_dir, _ = sweep
     run = [*RUN, "trainer.limit_train_batches=20", "data.aug=mild"]
@@ -215,8 +215,8 @@ def test_a_requeued_job_never_takes_over_a_finished_run_or_another_config(sweep:
 def test_ddp_over_two_slurm_tasks_counts_the_test_set_once(ddp_sweep: tuple[Path, Path]) -> None:
     import lightning as L
 
-    from xray_cls.classifier import XrayClassifier
     from xray_cls.data import PneumoniaMNISTDataModule
+    from xray_cls.models.classifier import XrayClassifier
 
     sweep_dir, npz = ddp_sweep
     metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())

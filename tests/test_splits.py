@@ -184,7 +184,8 @@ def test_evaluate_split_val_uses_the_runs_recorded_split(folder_run: Path, patie
 
 def test_evaluate_split_val_on_another_folder_is_refused(folder_run: Path, tmp_path: Path) -> None:
     from conftest import make_kermany_folder
-    from xray_cls.errors import UserInputError
+
+    from xray_cls.core.errors import UserInputError
 
     other = make_kermany_folder(tmp_path / "other")
     with pytest.raises(UserInputError, match="holds none of the .* val images the checkpoint's run recorded"):

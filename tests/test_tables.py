@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHORT_RUN, compose_config
 from PIL import Image
 
-from conftest import SHORT_RUN, compose_config
-from xray_cls.errors import UserInputError
+from xray_cls.core.errors import UserInputError
 from xray_cls.train import train
 
 RSNA_HEADER = "patientId,x,y,width,height,Target"
@@ -261,11 +261,12 @@ def test_a_nul_in_an_image_path_is_one_line_naming_file_and_row(tmp_path: Path) 
         table_run(tmp_path, *GENERIC, f"data.root={root}")
 
 
-def test_a_split_list_that_starts_with_a_bom_keeps_its_first_image(tmp_path: Path) -> None:
+@pytest.mark.parametrize("boms", [1, 2])
+def test_a_split_list_that_starts_with_a_bom_keeps_its_first_image(tmp_path: Path, boms: int) -> None:
     """Found by the fuzzer: the first name read as '\\ufeffimg0.png' and its image was left out as unlisted."""
     root = tmp_path / "data"
     write_table(root, generic_lines(24), images=24)
-    (root / "train.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(f"img{i}.png" for i in range(20)).encode() + b"\n")
+    (root / "train.txt").write_bytes(b"\xef\xbb\xbf" * boms + "\n".join(f"img{i}.png" for i in range(20)).encode() + b"\n")
     (root / "test.txt").write_text("\n".join(f"img{i}.png" for i in range(20, 24)) + "\n")
     table_run(tmp_path, *GENERIC, f"data.root={root}", "data.split_files={train: train.txt, test: test.txt}")
     assert "img0.png" in {r["path"] for r in splits(tmp_path / "run")}
@@ -276,4 +277,13 @@ def test_a_table_too_short_for_a_train_split_is_refused_before_the_run(tmp_path:
     root = tmp_path / "data"
     write_table(root, generic_lines(2), images=2)
     with pytest.raises(UserInputError, match=r"^data.csv: .*labels.csv: the train split has no image"):
+        table_run(tmp_path, *GENERIC, f"data.root={root}")
+
+
+def test_a_loop_of_links_in_an_image_path_is_one_line(tmp_path: Path) -> None:
+    """Found in review: Path.resolve raised RuntimeError (a symlink loop) on Python 3.11."""
+    root = tmp_path / "data"
+    write_table(root, [*generic_lines(), "loop/img0.png,no,p9"])
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises(UserInputError, match=r"labels.csv row 14: the image path 'loop/img0.png' cannot be a file"):
         table_run(tmp_path, *GENERIC, f"data.root={root}")

@@ -9,14 +9,16 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import SHORT_RUN, compose_config, write_image, write_kermany_named_folder
-from xray_cls.checkpoint import load_classifier, read_checkpoint, write_checkpoint
-from xray_cls.errors import UserInputError
+
+from xray_cls.core.checkpoint_files import write_checkpoint
+from xray_cls.core.errors import UserInputError
+from xray_cls.core.task import PNEUMONIA, make_task
 from xray_cls.evaluate import evaluate
+from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.predict import predict
-from xray_cls.task import PNEUMONIA, make_task
 from xray_cls.train import train
+
 
 @pytest.fixture(scope="module")
 def kermany_named(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, int]]]:

@@ -144,8 +144,8 @@ def test_ddp_on_two_cpu_processes_counts_each_test_image_once(tmp_path: Path) ->
     import lightning as L
     import numpy as np
 
-    from xray_cls.classifier import XrayClassifier
     from xray_cls.data import BUNDLED_NPZ, PneumoniaMNISTDataModule
+    from xray_cls.models.classifier import XrayClassifier
 
     # An odd test set: a sampler that pads the two shares with a repeat would count 624, not 623.
     arrays = dict(np.load(BUNDLED_NPZ))
@@ -176,7 +176,7 @@ def test_precision_auto_is_full_precision_without_a_gpu(precision: str, accelera
     import torch
     from omegaconf import OmegaConf
 
-    from xray_cls.train import supported_precision
+    from xray_cls.training.trainer import supported_precision
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: auto resolves to mixed precision here")
@@ -225,11 +225,10 @@ def test_progress_bar_draws_by_time_and_always_the_last_batch(
     """A real fit of 2 epochs of 5 batches: a bar that may redraw once an hour draws the first batch
     and the last of each epoch; one that may redraw at any time draws every batch."""
     import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-
-    from xray_cls.callbacks import ProgressBar
+    from xray_cls.training.callbacks import ProgressBar
 
     bar = ProgressBar(refresh_seconds)
     drawn: list[int] = []
@@ -245,9 +244,9 @@ def test_progress_bar_draws_by_time_and_always_the_last_batch(
 def test_progress_bar_is_configured_from_conf_and_hidden_on_request(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ProgressBar
 
-    from xray_cls.cli import run_error
-    from xray_cls.errors import UserInputError
-    from xray_cls.train import build_trainer
+    from xray_cls.core.errors import UserInputError
+    from xray_cls.runtime.console import run_error
+    from xray_cls.training.trainer import build_trainer
 
     def bars(overrides: list[str]) -> list[Any]:
         cfg = compose_config(tmp_path, overrides)

@@ -2,7 +2,7 @@
 
 Reads the site's images (one file, or a folder searched recursively, as `predict` reads; labels are
 never read), adapts a copy of the checkpoint's model to them (`method=bn`: batch-norm statistics;
-`normalization`: the site's pixel mean and std; see xray_cls.site) and writes `adapted.ckpt` to its
+`normalization`: the site's pixel mean and std; see xray_cls.evaluation.site) and writes `adapted.ckpt` to its
 output folder (`outputs/adapt/<date>/<time>/`), with its provenance: the source checkpoint, the
 number of images and a digest of their file list. `evaluate` and `predict` take it like any checkpoint.
 """
@@ -18,20 +18,24 @@ import hydra
 from omegaconf import DictConfig
 from torch import Tensor
 
-from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import checkpoint_command, exit_on_user_error
-from xray_cls.config import CONFIG_DIR
+from xray_cls.core.options import choice, number
+from xray_cls.evaluation.options import ADAPTATIONS
+from xray_cls.runtime.configs import CONFIG_DIR
+from xray_cls.runtime.console import checkpoint_command, exit_on_user_error
 
 log = logging.getLogger(__name__)
+
+OPTIONS = [choice("method", ADAPTATIONS), number("batch_size", 1, integer=True)]  # checked before anything is read
 
 
 def adapt(cfg: DictConfig) -> Path:
     """Adapt `cfg.ckpt` to the images of `cfg.data.root`; returns adapted.ckpt's path."""
-    from xray_cls.checkpoint import load_classifier, read_checkpoint, write_checkpoint
-    from xray_cls.predict import find_inputs
-    from xray_cls.site import adapted_module, check_adaptable, checkpoint_with, files_digest
+    from xray_cls.core.checkpoint_files import write_checkpoint
+    from xray_cls.data.inputs import find_inputs
+    from xray_cls.evaluation.site import adapted_module, check_adaptable, checkpoint_with, files_digest
+    from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 
-    with checkpoint_command(cfg, "adapt", ["adapted.ckpt"], "an adapted checkpoint",
+    with checkpoint_command(cfg, OPTIONS, ["adapted.ckpt"], "an adapted checkpoint",
                             required={"data.root": "/path/to/site_images"}) as out_dir:
         module = load_classifier(cfg.ckpt)
         check_adaptable(module.net, cfg.method, f"ckpt={cfg.ckpt}")
@@ -52,7 +56,7 @@ def adapt(cfg: DictConfig) -> Path:
 def site_images(module: Any, found: Any, batch_size: int) -> Iterator[Tensor]:
     """The readable images as the checkpoint's model reads them, uint8 (n, 1, size, size) a batch at a time."""
     from xray_cls.data import trained_geometry
-    from xray_cls.predict import read_chunk
+    from xray_cls.data.inputs import read_chunk
 
     prep = module.hparams.preprocessing
     geometry = trained_geometry(prep, "the checkpoint")

@@ -22,13 +22,15 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import checkpoint_command, exit_on_user_error
-from xray_cls.config import CONFIG_DIR, EXPORT_FORMATS
-from xray_cls.errors import UserInputError
-from xray_cls.files import atomic_write, write_json
+from xray_cls.core.errors import UserInputError
+from xray_cls.core.files import atomic_write, write_json
+from xray_cls.core.options import choice, number
+from xray_cls.runtime.configs import CONFIG_DIR
+from xray_cls.runtime.console import checkpoint_command, exit_on_user_error
 
+EXPORT_FORMATS = ("onnx", "torchscript")
 MODEL_FILES = dict(zip(EXPORT_FORMATS, ("model.onnx", "model.pt")))
+OPTIONS = [choice("format", EXPORT_FORMATS, "known"), number("opset", 7, 30, integer=True)]  # checked before anything is read
 SIDECAR = "model.json"
 INPUT_NAME, OUTPUT_NAME = "images", "probability"
 
@@ -45,7 +47,7 @@ class ProbabilityModel(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))  # the run's calibration
 
     def forward(self, images: Tensor) -> Tensor:
-        from xray_cls.metrics import probabilities
+        from xray_cls.metrics.calibration import probabilities
 
         x = (images.float() / 255 - self.mean) / self.std  # as xray_cls.data.normalize
         return probabilities(self.net(x), self.temperature)
@@ -53,9 +55,9 @@ class ProbabilityModel(nn.Module):
 
 def export(cfg: DictConfig) -> Path:
     """Export `cfg.ckpt` as `cfg.format`; returns the model file's path."""
-    from xray_cls.checkpoint import load_classifier
+    from xray_cls.models.checkpoints import load_classifier
 
-    with checkpoint_command(cfg, "export", [SIDECAR], "an exported model") as out_dir:
+    with checkpoint_command(cfg, OPTIONS, [SIDECAR], "an exported model") as out_dir:
         module = load_classifier(cfg.ckpt)
         model_path = write_model(module, cfg.format, cfg.opset, out_dir / MODEL_FILES[cfg.format])
         write_json(out_dir / SIDECAR, sidecar(module, model_path, cfg))
@@ -79,8 +81,8 @@ def write_model(module: Any, kind: str, opset: int, model_path: Path) -> Path:
 
 def sidecar(module: Any, model_path: Path, cfg: DictConfig) -> dict[str, Any]:
     """model.json: what a user needs besides the model, from a picture to a decision."""
-    from xray_cls.checkpoint import network_name
     from xray_cls.data import trained_geometry
+    from xray_cls.models.checkpoints import network_name
 
     prep, choices = module.hparams.preprocessing, module.choices
     return {
@@ -111,7 +113,7 @@ def output_record(names: list[str]) -> dict[str, Any]:
 def decision_record(module: Any) -> dict[str, Any]:
     """How to turn the output into a class: above the threshold, or the most probable class."""
     if not module.binary:
-        from xray_cls.run_report import ARGMAX
+        from xray_cls.reports.test_report import ARGMAX
 
         return {"decision": ARGMAX}
     return {"threshold": module.choices.threshold, "threshold_rule": module.choices.rule_record()}

@@ -1,6 +1,6 @@
 """`python -m xray_cls.predict ckpt=... input=IMAGE_OR_FOLDER [gradcam=true] [tta=true]`: a trained model on new images.
 
-`ckpt=[a.ckpt,b.ckpt]` and `tta=true` average probabilities as `evaluate` does (xray_cls.ensemble);
+`ckpt=[a.ckpt,b.ckpt]` and `tta=true` average probabilities as `evaluate` does (xray_cls.evaluation.ensemble);
 their threshold is `threshold=` (the one `evaluate` chose on val for the same average), else the
 first checkpoint's, with a warning.
 
@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import checkpoint_command, exit_on_user_error
-from xray_cls.config import CONFIG_DIR
-from xray_cls.errors import UserInputError
-from xray_cls.files import atomic_write, path_text, write_csv
+from xray_cls.core.errors import UserInputError
+from xray_cls.core.files import atomic_write, path_text, write_csv
+from xray_cls.core.options import number
+from xray_cls.data.inputs import InputFiles, find_inputs, read_chunk
+from xray_cls.runtime.configs import CONFIG_DIR
+from xray_cls.runtime.console import checkpoint_command, exit_on_user_error
 
 log = logging.getLogger(__name__)
+
+OPTIONS = [number("batch_size", 1, integer=True), number("threshold", 0, 1, none=True)]  # checked before anything is read
+
 
 # gradcam: the overlay's path relative to the CSV's folder, so that the folder can be moved whole.
 def csv_columns(names: list[str]) -> list[str]:
@@ -47,48 +50,10 @@ def probability_columns(names: list[str]) -> list[str]:
     """One column per class; classes that would share a column name get their label number."""
     columns = [probability_column(names, n) for n in names]
     return [c if columns.count(c) == 1 else f"{c}_{i}" for i, c in enumerate(columns)]
+
+
 OVERLAY_SIDE = (224, 512)  # overlays are drawn with the longer side in this range
 PREDICT_BATCH_BYTES = 2**28
-
-
-@dataclass
-class InputFiles:
-    images: list[Path]
-    not_images: int = 0  # junk beside the images: .DS_Store, ._* AppleDouble files, notes, ...
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def find_inputs(input_path: Path) -> InputFiles:
-    """The image files to predict: `input_path` itself, or every image below it."""
-    from xray_cls.data import IMAGE_SUFFIXES, is_image_file
-
-    if input_path.is_file():
-        return InputFiles([input_path])
-    if not input_path.is_dir():
-        raise UserInputError(f"input={input_path} does not exist; expected an image file or a folder of images")
-    files = sorted(p for p in input_path.rglob("*") if p.is_file())
-    images = [p for p in files if is_image_file(p)]
-    if not images:
-        raise UserInputError(
-            f"input={input_path} holds no images (searched recursively for {', '.join(sorted(IMAGE_SUFFIXES))}; "
-            f"found {len(files)} other file(s))"
-        )
-    return InputFiles(images, not_images=len(files) - len(images))
-
-
-def read_chunk(paths: list[Path], size: int, geometry: str, found: InputFiles) -> tuple[list[Path], Any]:
-    """The readable images among `paths` as uint8 (N, 1, size, size); the others go to found.unreadable."""
-    import numpy as np
-    import torch
-
-    from xray_cls.data import read_images
-
-    results = read_images(paths, size, geometry)
-    found.unreadable += [(p, str(r)) for p, r in zip(paths, results) if isinstance(r, UserInputError)]
-    ok = [(p, r) for p, r in zip(paths, results) if not isinstance(r, UserInputError)]
-    if not ok:
-        return [], torch.empty(0, 1, size, size, dtype=torch.uint8)
-    return [p for p, _ in ok], torch.from_numpy(np.stack([r for _, r in ok])).unsqueeze(1)
 
 
 def display_image(path: Path, geometry: str) -> Any:
@@ -109,7 +74,7 @@ def display_image(path: Path, geometry: str) -> Any:
 
 
 def save_overlay(path: Path, cam: Any, geometry: str, target: Path) -> None:
-    from xray_cls.gradcam import overlay
+    from xray_cls.reports.gradcam import overlay
 
     with atomic_write(target) as tmp:
         overlay(display_image(path, geometry), cam).save(tmp, format="PNG")
@@ -117,7 +82,7 @@ def save_overlay(path: Path, cam: Any, geometry: str, target: Path) -> None:
 
 def predict(cfg: DictConfig) -> Path:
     """Predict every image of `cfg.input`; returns the path of predictions.csv."""
-    with checkpoint_command(cfg, "predict", ["predictions.csv"], "predictions",
+    with checkpoint_command(cfg, OPTIONS, ["predictions.csv"], "predictions",
                             required={"input": "/path/to/image_or_folder"}) as out_dir:
         module, threshold = predicting_model(cfg)
         input_path = Path(cfg.input).expanduser()
@@ -128,8 +93,8 @@ def predict(cfg: DictConfig) -> Path:
 
 def predicting_model(cfg: DictConfig) -> tuple[Any, float]:
     """The checkpoint's classifier (or the average of several, or over TTA views) and its threshold."""
-    from xray_cls.ensemble import checkpoint_paths, load_averaged
-    from xray_cls.gradcam import last_conv_layer
+    from xray_cls.evaluation.ensemble import checkpoint_paths, load_averaged
+    from xray_cls.reports.gradcam import last_conv_layer
 
     ckpts = checkpoint_paths(cfg.ckpt)
     averaged = len(ckpts) > 1 or bool(cfg.tta)
@@ -156,7 +121,7 @@ def predicting_model(cfg: DictConfig) -> tuple[Any, float]:
 def predicted_rows(cfg: DictConfig, module: Any, threshold: float, found: InputFiles, input_path: Path, out_dir: Path) -> list[dict[str, Any]]:
     """One CSV row per readable image, read and predicted a batch at a time (with its overlay for gradcam=true)."""
     from xray_cls.data import normalize, trained_geometry
-    from xray_cls.gradcam import grad_cam
+    from xray_cls.reports.gradcam import grad_cam
 
     prep = module.hparams.preprocessing
     names, column = prep["class_names"], probability_column(prep["class_names"])

@@ -18,23 +18,27 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from xray_cls import resolvers  # noqa: F401  the configs' resolvers, registered before Hydra composes
-from xray_cls.cli import checkpoint_command, exit_on_user_error
-from xray_cls.config import CONFIG_DIR
+from xray_cls.data.options import DATA
+from xray_cls.metrics.options import SCORING
+from xray_cls.runtime.configs import CONFIG_DIR
+from xray_cls.runtime.console import checkpoint_command, exit_on_user_error
 
 log = logging.getLogger(__name__)
+
+OPTIONS = [*DATA, *SCORING]  # checked before anything is read
 
 
 def recalibrate(cfg: DictConfig) -> dict[str, Any]:
     """Recalibrate `cfg.ckpt` on the labeled images of `cfg.data`; returns the new operating point."""
-    from xray_cls.checkpoint import load_classifier, read_checkpoint, write_checkpoint
+    from xray_cls.core.checkpoint_files import write_checkpoint
+    from xray_cls.core.files import write_json
     from xray_cls.data import trained_geometry
-    from xray_cls.evaluate import evaluation_data
-    from xray_cls.files import write_json
-    from xray_cls.site import check_two_classes, checkpoint_with, files_digest, operating_point, recalibrated_choices
-    from xray_cls.val_choices import val_predictions
+    from xray_cls.evaluation.reading import evaluation_data
+    from xray_cls.evaluation.site import check_two_classes, checkpoint_with, files_digest, operating_point, recalibrated_choices
+    from xray_cls.metrics.val_choices import val_predictions
+    from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 
-    with checkpoint_command(cfg, "recalibrate", ["recalibrated.ckpt"], "a recalibrated checkpoint") as out_dir:
+    with checkpoint_command(cfg, OPTIONS, ["recalibrated.ckpt"], "a recalibrated checkpoint") as out_dir:
         module = load_classifier(cfg.ckpt)
         check_two_classes(module, "recalibrate", cfg.ckpt)
         prep = module.hparams.preprocessing

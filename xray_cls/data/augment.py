@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xray_cls.config import AUGMENTATIONS, check_choice, check_number
+from xray_cls.core.options import check_choice, check_number
+from xray_cls.data.options import AUGMENTATIONS
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Augment:
     aspect: float = 0.0
 
 
-AUGMENT_PRESETS = dict(zip(AUGMENTATIONS, (  # the names data.aug takes (xray_cls.config)
+AUGMENT_PRESETS = dict(zip(AUGMENTATIONS, (  # the names data.aug takes (xray_cls.data.options)
     Augment(),
     Augment(contrast=0.1, translate=0.12, zoom=0.13),  # mild
     Augment(contrast=0.2, translate=0.23, zoom=0.27),  # strong

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xray_cls.core.files import atomic_write
 from xray_cls.data.images import BIT_DEPTHS, decode_chunks
-from xray_cls.files import atomic_write
 
 log = logging.getLogger(__name__)
 

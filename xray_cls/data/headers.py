@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_cls.errors import UserInputError
-from xray_cls.files import path_text
+from xray_cls.core.errors import UserInputError
+from xray_cls.core.files import path_text
 
 MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS): about 13,400^2
 MAX_DECODED_BYTES = 2**29  # 512 MiB of decoded samples: a 16,000^2 8-bit or an 12,000^2 16-bit gray image fits
@@ -31,6 +31,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type: gray, RGB, palette, gray+alpha, RGBA
 INFLATE_CHUNK = 2**20
+BAND_PIXELS = 2**20  # 16-bit, float and DICOM images become 8-bit this many pixels (whole rows) at a time
 
 
 def check_size(path: Path, width: int, height: int, channels: int = 1, bits: int = 8) -> None:

@@ -20,16 +20,18 @@ that cannot be read as a picture (NaN, a negative pixel, a fifth axis) refused i
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from xray_cls.core.errors import UserInputError
+from xray_cls.core.files import path_text
 from xray_cls.data.images import bit_depth
-from xray_cls.errors import UserInputError
-from xray_cls.files import path_text
 
 MAX_HEADER_BYTES = 10_000  # numpy's own default bound on a .npy header
 DEFLATE_MAX_RATIO = 1032  # the most that deflate can expand (zlib's technical notes)
+LOCAL_HEADER_BYTES = 30  # a zip entry's local header before its name: its data starts after both
 NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 CONVERT_PIXELS = 2**24  # images converted to uint8 about this many pixels at a time
 # Pillow's RGB -> L (ITU-R 601-2 luma in 16-bit fixed point): what a folder's colour image becomes.
@@ -56,8 +58,9 @@ def read_arrays(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
             return {key: read_entry(archive, archive.getinfo(f"{key}.npy"), where) for key in keys}
     except UserInputError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as err:
-        # a cut or altered zip, a bad CRC, an encrypted or foreign entry, a header numpy cannot parse
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError, NotImplementedError,
+            MemoryError) as err:
+        # a cut or altered zip, a bad CRC or deflate stream, an encrypted or foreign entry, a header numpy cannot parse
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise UserInputError(f"{where} is not a readable .npz file ({reason})") from None
 
@@ -70,6 +73,9 @@ def read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> n
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise UserInputError(f"{where}: {key} is compressed with zip method {info.compress_type}; expected stored or deflated "
                              "entries, as numpy.savez and savez_compressed write them")
+    if info.header_offset + LOCAL_HEADER_BYTES + info.compress_size > archive.start_dir:  # the zip's own claim, checked
+        raise UserInputError(f"{where}: {key} claims {size_text(info.compress_size)} of data that the file does not hold; "
+                             "the file is altered or damaged")
     most = info.compress_size if info.compress_type == zipfile.ZIP_STORED else info.compress_size * DEFLATE_MAX_RATIO + 64
     if info.file_size > most:
         raise UserInputError(f"{where}: {key} claims {size_text(info.file_size)} but holds {size_text(info.compress_size)} of data, "
@@ -101,9 +107,10 @@ def read_header(entry: zipfile.ZipExtFile, where: str, key: str) -> tuple[np.dty
     return dtype, shape, entry.tell()
 
 
-def gray_images(images: np.ndarray, where: str, key: str) -> np.ndarray:
+def gray_images(images: np.ndarray, where: str, key: str, unit_floats: bool = False) -> np.ndarray:
     """uint8 (N, H, W) from (N, H, W) or (N, H, W, C) images of any numeric type, as a folder's
-    images are read: colour to gray by Pillow's weights, 16-bit by its depth, floats in [0, 1] or
+    images are read: colour to gray by Pillow's weights, other integers each by its own bit depth
+    (as 16-bit PNGs are), floats in [0, 1] (`unit_floats`: decided over every split of the file) or
     [0, 255]. Converted a few images at a time, so no float copy of the whole array is made."""
     if images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # MedMNIST's RGB sets; a fourth channel (alpha) is left out
         channels = images.shape[-1]
@@ -113,11 +120,12 @@ def gray_images(images: np.ndarray, where: str, key: str) -> np.ndarray:
         raise UserInputError(f"{where}: {key} has shape {shape_text(images.shape)}; expected (N, H, W) or (N, H, W, 1 or 3)")
     if images.dtype == np.uint8 and channels in (0, 1):
         return images.reshape(images.shape[:3])
-    scale = pixel_scale(images, where, key)
+    check_pixels(images, where, key)
     gray = np.empty(images.shape[:3], dtype=np.uint8)
     step = max(1, CONVERT_PIXELS // max(1, int(np.prod(images.shape[1:]))))
     for start in range(0, len(images), step):
-        chunk = images[start : start + step].astype(np.float64) * scale
+        chunk = images[start : start + step].astype(np.float64)
+        chunk *= pixel_scales(chunk, images.dtype, unit_floats).reshape(-1, *[1] * (chunk.ndim - 1))
         np.clip(np.round(chunk, out=chunk), 0, 255, out=chunk)
         if channels >= 3:  # Pillow's fixed-point luma of the 8-bit values, so that a folder and an .npz agree
             rgb = chunk[..., :3].astype(np.uint32)
@@ -128,23 +136,34 @@ def gray_images(images: np.ndarray, where: str, key: str) -> np.ndarray:
     return gray
 
 
-def pixel_scale(images: np.ndarray, where: str, key: str) -> float:
-    """What the pixel values are multiplied by to become 0-255: integers by their bit depth (as
-    16-bit PNGs are), floats by their range, which must be [0, 1] or [0, 255] and finite."""
+def check_pixels(images: np.ndarray, where: str, key: str) -> None:
+    """Pixel values a picture can hold: not booleans; integers >= 0; floats finite in [0, 1] or [0, 255]."""
     if images.dtype.kind == "b":
         raise UserInputError(f"{where}: {key} holds true/false values; expected pixel values (uint8 0-255)")
     if images.size == 0:
-        return 1.0
+        return
     low, high = np.min(images), np.max(images)
     if images.dtype.kind == "f":
         if not (np.isfinite(low) and np.isfinite(high)):
             raise UserInputError(f"{where}: {key} holds NaN or infinite pixel values; expected finite numbers in [0, 1] or [0, 255]")
         if low < 0 or high > 255:
             raise UserInputError(f"{where}: {key} holds pixel values from {low:.4g} to {high:.4g}; expected [0, 1] or [0, 255]")
-        return 255.0 if high <= 1 else 1.0
-    if low < 0:
+    elif low < 0:
         raise UserInputError(f"{where}: {key} holds negative pixel values (down to {low}); expected 0-255 or a bit depth's range")
-    return 255 / (2 ** bit_depth(np.array([high])) - 1)
+
+
+def pixel_scales(chunk: np.ndarray, dtype: np.dtype, unit_floats: bool) -> np.ndarray:
+    """Per image, what its values are multiplied by to become 0-255."""
+    if dtype.kind == "f":
+        return np.full(len(chunk), 255.0 if unit_floats else 1.0)
+    tops = chunk.reshape(len(chunk), -1).max(axis=1) if chunk.size else np.zeros(len(chunk))
+    return np.array([255 / (2 ** bit_depth(np.array([top])) - 1) for top in tops])
+
+
+def unit_floats(arrays: list[np.ndarray]) -> bool:
+    """Whether the file's float images are in [0, 1]: every float image array's values are at most 1."""
+    floats = [a for a in arrays if a.dtype.kind == "f" and a.size]
+    return bool(floats) and all(np.nanmax(a) <= 1 for a in floats)
 
 
 def labels_of(labels: np.ndarray, count: int, where: str, key: str) -> np.ndarray:

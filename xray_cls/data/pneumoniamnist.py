@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from xray_cls.config import MAX_IMAGE_SIZE
+from xray_cls.core.errors import UserInputError
+from xray_cls.core.task import MAX_CLASSES, PNEUMONIA, Task, check_labels_are_classes, make_task
 from xray_cls.data import npz
 from xray_cls.data.datamodule import SPLITS, Split, XrayDataModule
 from xray_cls.data.images import resize_uint8
-from xray_cls.errors import UserInputError
-from xray_cls.task import MAX_CLASSES, PNEUMONIA, Task, check_labels_are_classes, make_task
+from xray_cls.data.options import MAX_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,9 @@ def read_npz(path: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, Split]:
     arrays = npz.read_arrays(path, keys)
     where = npz.expected_npz(path)
     read = {}
+    unit = npz.unit_floats([arrays[f"{name}_images"] for name in splits])
     for name in splits:
-        images = npz.gray_images(arrays.pop(f"{name}_images"), where, f"{name}_images")
+        images = npz.gray_images(arrays.pop(f"{name}_images"), where, f"{name}_images", unit)
         labels = npz.labels_of(arrays.pop(f"{name}_labels"), len(images), where, f"{name}_labels")
         if 0 in images.shape[1:]:
             raise UserInputError(f"{where}: {name}_images are empty pictures (shape {npz.shape_text(images.shape)}); "

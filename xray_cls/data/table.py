@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xray_cls.config import check_choice, check_number
-from xray_cls.data.datamodule import Split
+from xray_cls.core.errors import UserInputError
+from xray_cls.core.files import path_text
+from xray_cls.core.options import check_choice, check_number
 from xray_cls.data.folder import ImageFolderDataModule, decoded_split
-from xray_cls.errors import UserInputError
-from xray_cls.files import path_text
+from xray_cls.data.options import UNCERTAIN
+from xray_cls.data.splits import Split
 
 log = logging.getLogger(__name__)
 
-UNCERTAIN = ("ignore", "zeros", "ones")  # CheXpert's uncertainty policies (Irvin et al. 2019)
+BOM = "\ufeff"  # byte-order marks, which editors put at a text's start (even twice): never part of a name
 MAX_TABLE_BYTES = 2**30  # the largest table read (NIH's is 8 MB)
 csv.field_size_limit(2**20)
 
@@ -97,8 +98,6 @@ class TableDataModule(ImageFolderDataModule):
         self.filters = {k: [str(v) for v in vs] for k, vs in (filters or {}).items()}
         self.max_missing = float(check_number("data.max_missing", max_missing, 0, 1))
         self.patient_of: dict[str, str] = {}
-
-    # --- reading the table ---
 
     def source_text(self) -> str:
         return f"data.csv: {', '.join(path_text(self.root / t) for t in self.tables.values())}"
@@ -172,7 +171,7 @@ class TableDataModule(ImageFolderDataModule):
             raise UserInputError(f"data.csv: {path} is larger than {MAX_TABLE_BYTES // 2**20} MB; expected a label table")
         with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.reader(f)
-            header = [h.strip() for h in next(reader, [])]
+            header = [h.strip().lstrip(BOM) for h in next(reader, [])]
             needed = [c for c in (self.path_column, self.label_column, self.patient_column, self.split_column, *self.filters) if c]
             needed += re.findall(r"{([^{}]+)}", self.path_pattern or "")
             absent = [c for c in needed if c not in header]
@@ -230,8 +229,9 @@ class TableDataModule(ImageFolderDataModule):
                 if not candidate.resolve().is_relative_to(root):
                     raise UserInputError(f"{where}: the image path {raw[:100]!r} leaves data.root {self.root}; expected paths inside it")
                 return candidate if candidate.is_file() else None
-            except OSError as err:  # a name too long for the file system, a loop of links
-                raise UserInputError(f"{where}: the image path {raw[:100]!r} cannot be a file ({err.strerror}); expected a file name "
+            except (OSError, RuntimeError) as err:  # a name too long for the file system; a loop of links (RuntimeError before 3.13)
+                reason = getattr(err, "strerror", None) or str(err)
+                raise UserInputError(f"{where}: the image path {raw[:100]!r} cannot be a file ({reason[:100]}); expected a file name "
                                      "under data.root") from None
 
         return locate
@@ -255,9 +255,10 @@ class TableDataModule(ImageFolderDataModule):
             path = self.root / name
             if not path.is_file():
                 raise UserInputError(f"data.split_files: {path} does not exist; expected a list of the {split} images, one a line")
-            for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
-                if line.strip():
-                    found[line.strip()] = split
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                name = line.strip().lstrip(BOM)
+                if name:
+                    found[name] = split
         return found
 
     def patient_from(self, row: dict[str, str], raw: str, path: Path, number: int) -> str:
@@ -311,8 +312,6 @@ class TableDataModule(ImageFolderDataModule):
         if len(kept) < len(images):
             log.warning("data.split_files: %d images are in no split file and are left out", len(images) - len(kept))
         return kept
-
-    # --- patients for the folder module's splits ---
 
     def patient_groups(self, paths: list[Path] | None) -> list[str]:
         return [self.patient_of.get(str(p), f"image:{p}") for p in paths or []]
