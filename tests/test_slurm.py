@@ -184,7 +184,7 @@ def test_a_requeued_job_continues_its_run_and_ends_as_the_uninterrupted_one(swee
     steps = [event.step for event in load_events(sweep_dir / "1").Scalars("loss/val")]
     assert len(steps) == len(set(steps)) == 3
     log = (sweep_dir / "1" / "train.log").read_text()
-    assert "Received SIGTERM" in log and "SLURM restarted this job (restart 1)" in log
+    assert "SIGTERM: stopping after this batch, with a checkpoint" in log and "SLURM restarted this job (restart 1)" in log
     # Nothing stray: the run continued in its own folder, and no other folder appeared.
     assert sorted(p.name for p in sweep_dir.parent.iterdir()) == ["ddp", "odd_test.npz", "single"]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1", "2", "figures"]
