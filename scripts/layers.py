@@ -2,7 +2,7 @@
 import runs back up a layer or closes a circle.
 
     python scripts/layers.py                 # the picture (Mermaid) and the checks, printed
-    python scripts/layers.py --check         # exit status 1 when an import runs back up, a circle closes or a module is too long
+    python scripts/layers.py --check         # exit status 1 when an import runs back up or is not allowed, a circle closes or a module is too long
     python scripts/layers.py --write docs/development.md   # the picture between its markers there
 
 Every `import` and `from ... import` of xray_cls counts, at the top of a module or inside a
@@ -20,8 +20,19 @@ from collections import Counter
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xray_cls"
-# Bottom to top: a module may import its own folder and the folders before it, never one after.
+# Bottom to top: a module may import its own folder and the folders it is allowed, all before it.
 LAYERS = ["core", "runtime", "data", "metrics", "models", "training", "reports", "evaluation", "commands"]
+ALLOWED = {
+    "core": [],
+    "runtime": ["core"],
+    "data": ["core"],
+    "metrics": ["core"],
+    "models": ["core", "data", "metrics"],
+    "training": ["core", "runtime", "data", "metrics", "models"],
+    "reports": ["core", "runtime", "data", "metrics", "models", "training"],
+    "evaluation": ["core", "runtime", "data", "metrics", "models", "training", "reports"],
+    "commands": LAYERS[:-1],
+}
 MAX_LINES = 320  # "about 300": a room that fits on a screen or two
 BEGIN, END = "<!-- layers:begin (python scripts/layers.py --write docs/development.md) -->", "<!-- layers:end -->"
 
@@ -61,6 +72,12 @@ def back_up(edges: dict[str, set[str]]) -> list[str]:
             if a != "xray_cls" and LAYERS.index(layer_of(b)) > LAYERS.index(layer_of(a))]
 
 
+def not_allowed(edges: dict[str, set[str]]) -> list[str]:
+    """Imports of a folder that the importer's folder may not import (ALLOWED)."""
+    return [f"{a} -> {b}" for a, targets in edges.items() for b in sorted(targets)
+            if a != "xray_cls" and layer_of(b) != layer_of(a) and layer_of(b) not in ALLOWED[layer_of(a)]]
+
+
 def circles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Groups of modules that import each other in a circle (Tarjan's strongly connected components)."""
     index: dict[str, int] = {}
@@ -98,6 +115,18 @@ def too_long() -> list[str]:
     return [f"{m} ({n} lines)" for m, n in sorted(lengths.items()) if n > MAX_LINES]
 
 
+def table(edges: dict[str, set[str]]) -> str:
+    """Each folder: its modules, what it may import, and what it imports today."""
+    rows = ["| layer | modules | may import | imports |", "| --- | --- | --- | --- |"]
+    for layer in reversed(LAYERS):
+        members = [m for m in edges if m != "xray_cls" and layer_of(m) == layer]
+        imported = {layer_of(b) for m in members for b in edges[m]} - {layer}
+        today = [other for other in LAYERS if other in imported]
+        rows.append(f"| {'xray_cls/*.py (the commands)' if layer == 'commands' else layer + '/'} | {len(members)} | "
+                    f"{', '.join(ALLOWED[layer]) or 'nothing'} | {', '.join(today) or 'nothing'} |")
+    return "\n".join(rows)
+
+
 def picture(edges: dict[str, set[str]]) -> str:
     """A Mermaid flowchart of the layers, top first, each arrow an import between folders with its count."""
     between = Counter((layer_of(a), layer_of(b)) for a, targets in edges.items() if a != "xray_cls" for b in targets)
@@ -115,8 +144,14 @@ def picture(edges: dict[str, set[str]]) -> str:
 
 def problems(edges: dict[str, set[str]]) -> list[str]:
     return ([f"an import runs back up: {arrow}" for arrow in back_up(edges)]
+            + [f"an import its folder may not make: {arrow}" for arrow in not_allowed(edges)]
             + [f"a circle of imports: {' -> '.join(group)}" for group in circles(edges)]
             + [f"a module over {MAX_LINES} lines: {module}" for module in too_long()])
+
+
+def drawing(edges: dict[str, set[str]]) -> str:
+    """The picture and the table, as docs/development.md shows them."""
+    return picture(edges) + "\n\n" + table(edges)
 
 
 def with_picture(text: str, drawing: str) -> str:
@@ -133,12 +168,13 @@ def main() -> None:
     edges = graph()
     found = problems(edges)
     if args.write:
-        args.write.write_text(with_picture(args.write.read_text(), picture(edges)))
+        args.write.write_text(with_picture(args.write.read_text(), drawing(edges)))
     else:
-        print(picture(edges))
+        print(drawing(edges))
     for problem in found:
         print(problem, file=sys.stderr)
     print(f"{len(edges)} modules, {sum(map(len, edges.values()))} imports, {len(back_up(edges))} back up, "
+          f"{len(not_allowed(edges))} not allowed, "
           f"{len(circles(edges))} circles, {len(too_long())} over {MAX_LINES} lines", file=sys.stderr)
     sys.exit(1 if args.check and found else 0)
 

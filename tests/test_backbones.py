@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import SHORT_RUN, compose_config
 from lightning.pytorch.callbacks import Callback
 
 from xray_cls.core.checkpoint_files import write_checkpoint
@@ -25,6 +24,8 @@ from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.models.pretrained import IMAGENET_GRAY, Pretraining, load_weights
 from xray_cls.predict import predict
 from xray_cls.train import train
+
+from conftest import SHORT_RUN, compose_config
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import write_kermany_named_folder
 
 pytestmark = pytest.mark.slow  # runs the benchmarks' quick modes

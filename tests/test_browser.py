@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import free_port, local_server
 from PIL import Image
+
+from conftest import free_port, local_server
 
 pytestmark = pytest.mark.slow  # starts TensorBoard and headless Chromium
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHORT_RUN, compose_config, run_cli
-from test_train import load_events
 from torchmetrics.classification import BinaryCalibrationError
 
 from xray_cls.core.errors import UserInputError
@@ -20,6 +18,9 @@ from xray_cls.metrics.thresholds import choose_threshold
 from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.predict import predict
 from xray_cls.train import train
+
+from conftest import SHORT_RUN, compose_config, run_cli
+from test_train import load_events
 
 
 @pytest.fixture(scope="module")

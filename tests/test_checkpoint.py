@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_cli
 from hydra.utils import instantiate
 
 from xray_cls.core.errors import UserInputError
@@ -16,6 +15,8 @@ from xray_cls.data import PneumoniaMNISTDataModule, normalize
 from xray_cls.evaluate import evaluate
 from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.predict import predict
+
+from conftest import compose_config, run_cli
 
 
 def test_checkpoint_carries_preprocessing_and_the_chosen_threshold(cnn_run: Path) -> None:

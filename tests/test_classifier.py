@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHORT_RUN, compose_config
 from torchmetrics.classification import BinaryAccuracy
 
 from xray_cls.core.errors import TrainingDivergedError, UserInputError
@@ -15,6 +14,8 @@ from xray_cls.metrics.thresholds import choose_threshold
 from xray_cls.models.classifier import LossAccuracy, XrayClassifier
 from xray_cls.train import train
 from xray_cls.training.losses import label_smoothing, positive_class_weight
+
+from conftest import SHORT_RUN, compose_config
 
 
 def test_loss_accuracy_matches_torchmetrics_over_uneven_batches() -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHORT_RUN, run_cli
 
 from xray_cls.data import BUNDLED_NPZ
+
+from conftest import SHORT_RUN, run_cli
 
 pytestmark = pytest.mark.slow  # every test runs the CLI
 

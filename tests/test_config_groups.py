@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SHORT_RUN, compose_config
 
 from xray_cls.core.errors import UserInputError
+from xray_cls.core.untrusted import read_epoch_curves
 from xray_cls.train import train
-from xray_cls.training.loggers import read_epoch_curves
 from xray_cls.training.trainer import build_trainer
+
+from conftest import SHORT_RUN, compose_config
 
 
 def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path) -> None:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, make_kermany_folder, run_cli
 
 from xray_cls import sweep_report
 from xray_cls.models.networks import ReportCNN, ReportDense, build_network
 from xray_cls.reports import course_report
 from xray_cls.reports.network_summary import network_summary, parameter_counts
+
+from conftest import compose_config, make_kermany_folder, run_cli
 
 REPORT_RUNS = ["dense", "cnn", "cnn_no_dropout", "cnn_strong_aug", "cnn_mild_aug"]
 

@@ -8,11 +8,12 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import SHORT_RUN, run_cli, write_kermany_named_folder
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.data import ImageFolderDataModule
 from xray_cls.data.patients import patient_groups
+
+from conftest import SHORT_RUN, run_cli, write_kermany_named_folder
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import FOLDER_LAYOUT, at_depth, image_count, make_kermany_folder, write_dicom
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -37,6 +36,8 @@ from xray_cls.data import (
     resize_uint8,
 )
 from xray_cls.data.augment import mixup
+
+from conftest import FOLDER_LAYOUT, at_depth, image_count, make_kermany_folder, write_dicom
 
 # --- bundled PneumoniaMNIST ---------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_cli
 
 from xray_cls.data import PneumoniaMNISTDataModule, normalize
 from xray_cls.evaluate import evaluate
@@ -15,6 +14,8 @@ from xray_cls.evaluation.ensemble import shifted_views
 from xray_cls.metrics.thresholds import choose_threshold
 from xray_cls.models.checkpoints import load_classifier
 from xray_cls.predict import predict
+
+from conftest import compose_config, run_cli
 
 
 def bundled_probs(ckpt: Path, split: str, tta: bool = False) -> torch.Tensor:

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FOLDER_LAYOUT, compose_config, image_count, run_cli
-from test_predict import with_geometry
-from test_train import assert_confusion_matrix_adds_up, load_events
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.evaluate import evaluate
+
+from conftest import FOLDER_LAYOUT, compose_config, image_count, run_cli
+from test_predict import with_geometry
+from test_train import assert_confusion_matrix_adds_up, load_events
 
 
 def evaluate_in(out_dir: Path, ckpt: Path, *overrides: str) -> dict:
@@ -85,9 +86,9 @@ def test_missing_checkpoint_through_the_cli(tmp_path: Path) -> None:
 
 def test_a_bf16_runs_test_is_reproduced_by_a_float32_evaluation(tmp_path: Path) -> None:
     """Training runs under bf16 autocast, its test in float32: evaluate (32-true) gives the same figures."""
-    from conftest import SHORT_RUN
-
     from xray_cls.train import train
+
+    from conftest import SHORT_RUN
 
     run = train(compose_config(tmp_path / "run", ["model=cnn", "trainer.precision=bf16-mixed", "gradcam_samples=0",
                                                   "bootstrap.resamples=10", *SHORT_RUN]))

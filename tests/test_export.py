@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, run_cli
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.data import BUNDLED_NPZ, normalize, read_npz
 from xray_cls.export import export
 from xray_cls.models.checkpoints import load_classifier
+
+from conftest import compose_config, run_cli
 
 
 def export_cli(ckpt: Path, out: Path, *args: str):

@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
 from conftest import SHORT_RUN, compose_config
 from fuzzing import (
     HOSTILE_VALUES,
@@ -31,9 +35,6 @@ from fuzzing import (
     written,
     zip_layout,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-from PIL import Image
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 

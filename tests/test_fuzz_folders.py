@@ -12,6 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
 from conftest import make_kermany_folder
 from fuzzing import (
     CaseServer,
@@ -23,9 +27,6 @@ from fuzzing import (
     fuzz_settings,
     snapshot,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-from PIL import Image
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
 from conftest import write_dicom
 from fuzzing import (
     CaseServer,
@@ -27,9 +31,6 @@ from fuzzing import (
     snapshot,
     written,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-from PIL import Image
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 

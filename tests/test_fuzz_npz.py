@@ -11,6 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xray_cls.data import BUNDLED_NPZ
+
 from fuzzing import (
     CaseServer,
     Field,
@@ -27,10 +32,6 @@ from fuzzing import (
     written,
     zip_layout,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-from xray_cls.data import BUNDLED_NPZ
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 

@@ -11,6 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from fuzzing import (
     HOSTILE_VALUES,
     CaseServer,
@@ -26,8 +29,6 @@ from fuzzing import (
     snapshot,
     text_layout,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 

@@ -10,6 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from fuzzing import (
     CaseServer,
     assert_handled,
@@ -24,8 +27,6 @@ from fuzzing import (
     snapshot,
     text_layout,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 from test_tables import GENERIC, generic_lines, write_chexpert, write_nih, write_rsna, write_table
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import load_events
 
 from xray_cls.models.networks import CNN, MLP
 from xray_cls.reports.gradcam import class_balanced_sample, grad_cam
+
+from test_train import load_events
 
 SIZE, PATCH = 28, 6
 

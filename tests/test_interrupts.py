@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fuzzing import CaseServer
 from PIL import Image
+
+from fuzzing import CaseServer
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHORT_RUN, compose_config, free_port, local_server, run_cli
-from test_train import load_events
 
+from xray_cls.core.untrusted import read_epoch_curves
 from xray_cls.reports.sweep_runs import read_curves
 from xray_cls.train import train
-from xray_cls.training.loggers import build_loggers, read_epoch_curves
+from xray_cls.training.loggers import build_loggers
+
+from conftest import SHORT_RUN, compose_config, free_port, local_server, run_cli
+from test_train import load_events
 
 pytestmark = pytest.mark.slow  # starts an MLflow server and runs through the CLI
 

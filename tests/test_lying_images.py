@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHORT_RUN, make_kermany_folder, run_cli, write_dicom
 from PIL import Image
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.data import read_image
 from xray_cls.data.dicom import read_dicom
 from xray_cls.data.images import to_grayscale
+
+from conftest import SHORT_RUN, make_kermany_folder, run_cli, write_dicom
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHORT_RUN, compose_config, write_kermany_named_folder
 from PIL import Image
-from test_train import load_events
 
 from xray_cls import sweep_report
 from xray_cls.core.checkpoint_files import write_checkpoint
@@ -27,6 +25,9 @@ from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.predict import predict
 from xray_cls.train import train
 from xray_cls.training.losses import class_weights
+
+from conftest import SHORT_RUN, compose_config, write_kermany_named_folder
+from test_train import load_events
 
 # A public four-folder layout (COVID-19 Radiography Database), names with a space and mixed case.
 FOUR = ["COVID", "Normal", "Lung_Opacity", "Viral Pneumonia"]

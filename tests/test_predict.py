@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import at_depth, compose_config, run_cli, write_dicom, write_image
 from PIL import Image
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.data import CLASS_NAMES, PneumoniaMNISTDataModule, normalize
 from xray_cls.models.checkpoints import load_classifier
 from xray_cls.predict import OVERLAY_SIDE, predict
+
+from conftest import at_depth, compose_config, run_cli, write_dicom, write_image
 
 
 def predict_in(out_dir: Path, ckpt: Path, input_path: Path, *overrides: str) -> Path:

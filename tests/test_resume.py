@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHORT_RUN, compose_config, run_cli
-from test_train import load_events
 
 from xray_cls.core.errors import UserInputError
+from xray_cls.core.untrusted import read_epoch_curves
 from xray_cls.data import BUNDLED_NPZ, read_npz
 from xray_cls.runtime.configs import fresh_dir
 from xray_cls.train import train
-from xray_cls.training.loggers import read_epoch_curves
+
+from conftest import SHORT_RUN, compose_config, run_cli
+from test_train import load_events
 
 pytestmark = pytest.mark.slow  # interrupts, kills and resumes multi-epoch runs
 

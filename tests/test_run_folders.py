@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import SHORT_RUN, run_cli
 
 from xray_cls.models.checkpoints import read_checkpoint
+
+from conftest import SHORT_RUN, run_cli
 
 pytestmark = pytest.mark.slow  # kills runs, fills disks and races commands through the CLI
 

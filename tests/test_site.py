@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
 from PIL import Image
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.evaluation.site import adapt_batch_norm, batch_norm_layers, files_digest
 from xray_cls.models.checkpoints import load_classifier, read_checkpoint
+
+from conftest import compose_config
 
 RNG = np.random.default_rng(0)
 

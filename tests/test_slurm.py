@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sweeps import read_summary
-from test_train import load_events
 
 from xray_cls.data import BUNDLED_NPZ
+
+from test_sweeps import read_summary
+from test_train import load_events
 
 pytestmark = pytest.mark.slow  # starts a SLURM cluster and runs sweeps on it
 
@@ -193,9 +194,9 @@ def test_a_requeued_job_continues_its_run_and_ends_as_the_uninterrupted_one(swee
 
 
 def test_a_requeued_job_never_takes_over_a_finished_run_or_another_config(sweep: tuple[Path, str], tmp_path: Path) -> None:
-    from conftest import compose_config
-
     from xray_cls.training.resume import requeued_checkpoint
+
+    from conftest import compose_config
 
     sweep_dir, _ = sweep
     run = [*RUN, "trainer.limit_train_batches=20", "data.aug=mild"]

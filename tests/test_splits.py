@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHORT_RUN, compose_config, write_image
-from test_evaluate import evaluate_in
 
 from xray_cls.data import ImageFolderDataModule, patient_id, patient_split
 from xray_cls.train import train
+
+from conftest import SHORT_RUN, compose_config, write_image
+from test_evaluate import evaluate_in
 
 # Kermany file names: NORMAL patients IM-xxxx and NORMAL2-IM-xxxx, PNEUMONIA patients personN.
 NORMAL_PATIENTS = {f"IM-{i:04d}": 1 + i % 3 for i in range(10)} | {f"NORMAL2-IM-{i:04d}": 2 for i in range(4)}
@@ -183,9 +184,9 @@ def test_evaluate_split_val_uses_the_runs_recorded_split(folder_run: Path, patie
 
 
 def test_evaluate_split_val_on_another_folder_is_refused(folder_run: Path, tmp_path: Path) -> None:
-    from conftest import make_kermany_folder
-
     from xray_cls.core.errors import UserInputError
+
+    from conftest import make_kermany_folder
 
     other = make_kermany_folder(tmp_path / "other")
     with pytest.raises(UserInputError, match="holds none of the .* val images the checkpoint's run recorded"):

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHORT_RUN, compose_config, run_cli
 from hydra.utils import get_class
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from xray_cls import sweep_report
+
+from conftest import SHORT_RUN, compose_config, run_cli
 
 pytestmark = pytest.mark.slow  # runs multiruns through the CLI (basic, joblib, Optuna)
 

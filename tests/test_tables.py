@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHORT_RUN, compose_config
 from PIL import Image
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.train import train
+
+from conftest import SHORT_RUN, compose_config
 
 RSNA_HEADER = "patientId,x,y,width,height,Target"
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

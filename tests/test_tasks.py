@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import SHORT_RUN, compose_config, write_image, write_kermany_named_folder
 
 from xray_cls.core.checkpoint_files import write_checkpoint
 from xray_cls.core.errors import UserInputError
@@ -18,6 +17,8 @@ from xray_cls.evaluate import evaluate
 from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 from xray_cls.predict import predict
 from xray_cls.train import train
+
+from conftest import SHORT_RUN, compose_config, write_image, write_kermany_named_folder
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FOLDER_LAYOUT, SHORT_RUN, compose_config, image_count, run_cli
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from xray_cls.train import train
+
+from conftest import FOLDER_LAYOUT, SHORT_RUN, compose_config, image_count, run_cli
 
 EPOCHS = 2  # SHORT_RUN's trainer.max_epochs
 CURVE_TAGS = ["loss/train", "loss/val", "acc/train", "acc/val"]
@@ -266,7 +267,7 @@ def test_progress_bar_is_configured_from_conf_and_hidden_on_request(tmp_path: Pa
 TRIM_PROBE = """
 import sys, threading
 from pathlib import Path
-from xray_cls.memory import return_freed_memory
+from xray_cls.core.memory import return_freed_memory
 def anon_kb():
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
 def fill_and_free():
@@ -303,7 +304,7 @@ def test_freed_memory_is_returned_after_batches_at_most_as_often_as_configured(
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    import xray_cls.callbacks as callbacks
+    import xray_cls.training.callbacks as callbacks
 
     returned: list[int] = []
     monkeypatch.setattr(callbacks, "return_freed_memory", lambda: returned.append(1))

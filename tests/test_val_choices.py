@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHORT_RUN, compose_config
 
 from xray_cls.data.pneumoniamnist import BUNDLED_NPZ
 from xray_cls.train import train
+
+from conftest import SHORT_RUN, compose_config
 
 CHOICES = ["model=mlp", "threshold_rule=youden", "calibration=temperature", "gradcam_samples=0", *SHORT_RUN]
 

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from xray_cls.core.errors import UserInputError
+from xray_cls.core.legacy_names import forwarding
 from xray_cls.core.options import number
 from xray_cls.data.options import DATA
 from xray_cls.evaluation.options import EVALUATION, SITE
@@ -88,6 +89,9 @@ def evaluate_in(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: evaluate(cfg))
 
+
+
+__getattr__ = forwarding(__name__)  # the names that moved out of this module, from where they are now
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.core.files import atomic_write, path_text, write_csv
+from xray_cls.core.legacy_names import forwarding
 from xray_cls.core.options import number
 from xray_cls.data.inputs import InputFiles, find_inputs, read_chunk
 from xray_cls.runtime.configs import CONFIG_DIR
@@ -191,6 +192,9 @@ def write_predictions(cfg: DictConfig, rows: list[dict[str, Any]], found: InputF
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: predict(cfg))
 
+
+
+__getattr__ = forwarding(__name__)  # the names that moved out of this module, from where they are now
 
 if __name__ == "__main__":
     main()

@@ -33,9 +33,9 @@ def recalibrate(cfg: DictConfig) -> dict[str, Any]:
     from xray_cls.core.checkpoint_files import write_checkpoint
     from xray_cls.core.files import write_json
     from xray_cls.data import trained_geometry
+    from xray_cls.evaluation.logits import val_predictions
     from xray_cls.evaluation.reading import evaluation_data
     from xray_cls.evaluation.site import check_two_classes, checkpoint_with, files_digest, operating_point, recalibrated_choices
-    from xray_cls.metrics.val_choices import val_predictions
     from xray_cls.models.checkpoints import load_classifier, read_checkpoint
 
     with checkpoint_command(cfg, OPTIONS, ["recalibrated.ckpt"], "a recalibrated checkpoint") as out_dir:

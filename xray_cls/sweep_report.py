@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from xray_cls.core.legacy_names import forwarding
 from xray_cls.reports.sweep import write_report
 
 log = logging.getLogger(__name__)
@@ -19,12 +20,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m xray_cls.sweep_report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. outputs/multirun/<date>/<time>")
     args = parser.parse_args(argv)
+
     def report() -> None:
         with interruptible(lambda: "the report was not finished (each of its files is whole, old or new); run the command again"):
             print(write_report(args.sweep_dir))
 
     exit_on_user_error(report)
 
+
+
+__getattr__ = forwarding(__name__)  # the names that moved out of this module, from where they are now
 
 if __name__ == "__main__":
     main()

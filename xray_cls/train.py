@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray_cls.core.errors import RunInterrupted
 from xray_cls.core.files import write_csv, write_json, write_text
+from xray_cls.core.legacy_names import forwarding
 from xray_cls.core.options import check_options, number
 from xray_cls.core.task import task_of_run
 from xray_cls.data.options import DATA
@@ -191,6 +192,7 @@ def fit(cfg: DictConfig, folder: RunFolder, datamodule: Any, module: Any) -> Fit
         from xray_cls.training.training_state import check_training_state
 
         check_training_state(folder.resume_from, folder.checkpoint, trainer, module)
+        folder.checkpoint = None  # checked: Lightning reads the file itself, and the run needs the memory
     trainer.fit(module, datamodule=datamodule, ckpt_path=folder.resume_from, weights_only=True)
     resumable = next(c for c in trainer.callbacks if isinstance(c, ResumableTraining))
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
@@ -203,7 +205,8 @@ def make_val_choices(cfg: DictConfig, fitted: Fitted, module: Any, datamodule: A
     apply them. Returns the choices and the val logits and labels they were made on."""
     import torch
 
-    from xray_cls.metrics.val_choices import choose_on_val, val_predictions
+    from xray_cls.evaluation.logits import val_predictions
+    from xray_cls.metrics.val_choices import choose_on_val
 
     checkpoint = fitted.trainer.checkpoint_callback
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
@@ -283,3 +286,6 @@ def main(cfg: DictConfig) -> float:
     metrics = _train_in_sweep(cfg) if in_multirun() else exit_on_user_error(lambda: train(cfg))
     score = metrics["best_checkpoint"]["score"] if metrics else None
     return float("nan") if score is None else score
+
+
+__getattr__ = forwarding(__name__)  # the names that moved out of this module, from where they are now

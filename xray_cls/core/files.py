@@ -13,9 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# The process's umask, read the only way POSIX allows (by setting it) and put back at once.
 _UMASK = os.umask(0o022)
-
-
 os.umask(_UMASK)
 
 

@@ -10,6 +10,8 @@ and goes into Markdown or a plot is escaped, so that it shows as the text it is.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -24,6 +26,7 @@ from xray_cls.core.errors import UserInputError
 MAX_TEXT_BYTES = 4 * 2**20  # a run's metrics.json is about 10 KB, its curves.csv a few KB
 MAX_JSON_DEPTH = 32  # metrics.json nests 4 deep
 MAX_LIST_ITEMS = 10_000
+CURVES_FILE = "curves.csv"  # a run's curves, one row per epoch: written by training.loggers.EpochCurves, read by the sweep report
 
 
 class UnreadableFile(UserInputError):
@@ -154,3 +157,27 @@ def markdown_code(text: str) -> str:
 def plot_text(text: str, limit: int = 60) -> str:
     """`text` for a matplotlib label: `$` would start mathtext, which parses (and can fail on) it."""
     return one_line(text, limit).replace("$", r"\$")
+
+
+MAX_EPOCHS_IN_CURVES = 100_000
+
+
+
+def read_epoch_curves(path: Path) -> dict[int, dict[str, float]]:
+    """curves.csv as {epoch (from 1): {metric: value}}, empty cells left out. The file may come
+    from a copied sweep folder: anything but an epoch number and numbers in its cells raises
+    `untrusted.UnreadableFile` naming the file and the row."""
+    rows: dict[int, dict[str, float]] = {}
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if reader.fieldnames is None or "epoch" not in reader.fieldnames:
+        raise UnreadableFile(path, "has no epoch column; expected the curves.csv an xray_cls run writes")
+    for line, row in enumerate(reader, start=2):
+        try:
+            epoch = int(row.pop("epoch"))
+            values = {str(k): float(v) for k, v in row.items() if v not in ("", None)}
+        except (TypeError, ValueError):
+            raise UnreadableFile(path, f"row {line} holds something other than an epoch number and numbers") from None
+        if not 0 < epoch <= MAX_EPOCHS_IN_CURVES:
+            raise UnreadableFile(path, f"row {line} has epoch {epoch}; expected 1 to {MAX_EPOCHS_IN_CURVES:,}")
+        rows[epoch] = values
+    return rows

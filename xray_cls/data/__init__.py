@@ -1,5 +1,5 @@
 """Layer 2, the data: chest X-ray images read as the networks take them, split and served.
-May import xray_cls.core only.
+May import: core.
 
 - `options`: the data.* options and their choices (no torch import);
 - `datamodule`: the LightningDataModule every source shares (`XrayDataModule`): loaders, normalization, the evaluation path;

@@ -1,11 +1,11 @@
-"""What every dataset shares: splits, their loaders and samplers, normalization, and the
-LightningDataModule that serves them (`XrayDataModule`).
+"""The LightningDataModule every dataset shares (`XrayDataModule`): its splits checked, their
+loaders, normalization, and the evaluation path; subclasses say how to read the splits.
 
-Every split is decoded once into a uint8 tensor (N, 1, H, W): in memory, or memory-mapped from the
-on-disk cache of an image folder (`cache.py`), so that a folder larger than memory is served from
-the page cache. A batch is gathered with one indexing op. Augmentation and normalization run on
-whole batches after they reach the device (`on_after_batch_transfer`), so they cost a few tensor
-ops per batch instead of a PIL pipeline per image.
+Every split is decoded once into a uint8 tensor (N, 1, H, W) (`splits.Split`): in memory, or
+memory-mapped from the on-disk cache of an image folder (`cache.py`), so that a folder larger than
+memory is served from the page cache. A batch is gathered with one indexing op. Augmentation and
+normalization run on whole batches after they reach the device (`on_after_batch_transfer`), so
+they cost a few tensor ops per batch instead of a PIL pipeline per image.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from xray_cls.core.errors import UserInputError
+from xray_cls.core.legacy_names import forwarding
 from xray_cls.core.options import check_choice, check_number
 from xray_cls.core.task import PNEUMONIA, make_task
 from xray_cls.data.augment import BatchAugment, augment_preset, check_mixup, mixup
@@ -230,3 +231,5 @@ class XrayDataModule(L.LightningDataModule):
             "normalization": self.normalization,  # whose mean and std: the train split's, or imagenet's
         }
 
+
+__getattr__ = forwarding(__name__)  # the names that moved out of this module, from where they are now

@@ -11,13 +11,15 @@ import torch
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.core.files import path_text
+from xray_cls.core.legacy_names import forwarding
 from xray_cls.core.options import check_number
 from xray_cls.core.task import PNEUMONIA, Task, make_task
 from xray_cls.data.cache import cache_path, cached_images
-from xray_cls.data.datamodule import Split, XrayDataModule
+from xray_cls.data.datamodule import XrayDataModule
 from xray_cls.data.images import IMAGE_SUFFIXES, decode_images, is_image_file
 from xray_cls.data.options import MAX_IMAGE_SIZE
 from xray_cls.data.patients import ONE_IMAGE_GROUP, log_patient_overlap, patient_folds, patient_groups, patient_id, patient_split
+from xray_cls.data.splits import Split
 
 log = logging.getLogger(__name__)
 
@@ -291,3 +293,6 @@ class ImageFolderDataModule(XrayDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if any(state_dict.get(f"derived_{name}") != paths for name, paths in self.derived.items()):
             log.warning("the splits drawn from train differ from those the checkpoint recorded (the folder or a seed changed)")
+
+
+__getattr__ = forwarding(__name__)  # the names that moved out of this module, from where they are now

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.core.files import path_text
+from xray_cls.core.legacy_names import forwarding
 from xray_cls.core.options import check_choice
 from xray_cls.data import headers
 from xray_cls.data.dicom import read_dicom
@@ -253,3 +254,6 @@ def trained_geometry(preprocessing: dict[str, Any], ckpt: Any) -> str:
                  "stretched to a square, as that version did", ckpt)
         return "stretch"
     return check_geometry(preprocessing["geometry"], f"the preprocessing geometry of {ckpt}")
+
+
+__getattr__ = forwarding(__name__)  # the names that moved out of this module, from where they are now

@@ -21,7 +21,7 @@ class InputFiles:
 
 
 def find_inputs(input_path: Path) -> InputFiles:
-    """The image files to predict: `input_path` itself, or every image below it."""
+    """The image files to predict or adapt on: `input_path` itself, or every image below it."""
     from xray_cls.data import IMAGE_SUFFIXES, is_image_file
 
     if input_path.is_file():

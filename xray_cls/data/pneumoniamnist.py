@@ -12,9 +12,10 @@ import torch
 from xray_cls.core.errors import UserInputError
 from xray_cls.core.task import MAX_CLASSES, PNEUMONIA, Task, check_labels_are_classes, make_task
 from xray_cls.data import npz
-from xray_cls.data.datamodule import SPLITS, Split, XrayDataModule
+from xray_cls.data.datamodule import XrayDataModule
 from xray_cls.data.images import resize_uint8
-from xray_cls.data.options import MAX_IMAGE_SIZE
+from xray_cls.data.options import MAX_IMAGE_SIZE, SPLITS
+from xray_cls.data.splits import Split
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ def evaluation_choices(cfg: DictConfig, module: Any, averaged: bool, recorded: d
     probabilities, whose members' thresholds were chosen for them alone, a threshold chosen on the
     val split (of data.*, or the one the first checkpoint's run drew from train) by the first
     checkpoint's threshold rule."""
-    from xray_cls.metrics.val_choices import choose_threshold_on_val, val_predictions
+    from xray_cls.evaluation.logits import val_predictions
+    from xray_cls.metrics.val_choices import choose_threshold_on_val
 
     choices = module.choices
     if cfg.threshold is not None and not module.binary:

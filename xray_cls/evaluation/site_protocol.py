@@ -119,7 +119,7 @@ def site_model(cfg: DictConfig, module: Any, datamodule: Any, split: Any, calibr
 
 
 def part_logits(module: Any, datamodule: Any, split: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from xray_cls.metrics.val_choices import val_predictions
+    from xray_cls.evaluation.logits import val_predictions
 
     return val_predictions(module, part(datamodule, split, index, module), "test")
 

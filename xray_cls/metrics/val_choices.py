@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from xray_cls.core.errors import UserInputError
-from xray_cls.core.memory import return_freed_memory
 from xray_cls.metrics.options import CALIBRATIONS
 
 log = logging.getLogger(__name__)
@@ -81,15 +80,6 @@ class ValChoices:
                 "calibration": self.calibration}
 
 
-def val_predictions(module: Any, datamodule: Any, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
-    """The module's logits (before any temperature) and the labels of the val split (or `split`),
-    batch by batch: a large split is never copied whole, let alone as float."""
-    val = datamodule.splits[split]
-    logits = []
-    for images in val.batches(datamodule.batch_size):
-        logits.append(module.predict_logits(datamodule.preprocess(images.to(module.device))).cpu())
-        return_freed_memory()  # else each batch's freed activations pile up in the threads' arenas
-    return torch.cat(logits), val.labels.cpu()
 
 
 def choose_on_val(

@@ -1,5 +1,5 @@
 """Layer 4, the models: the networks as plain nn.Modules and the LightningModule that trains them.
-May import xray_cls.core, .data and .metrics.
+May import: core, data, metrics.
 
 - `options`: model.* (no torch import);
 - `heads`, `networks`, `backbones`: the study's networks, and torchvision's and timm's, by exact name;

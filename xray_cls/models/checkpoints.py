@@ -1,12 +1,13 @@
-"""Reading a run's checkpoint safely and rebuilding the trained classifier from it, and writing
-checkpoints so that no crash, kill or full disk ever leaves a truncated one.
+"""Reading a run's checkpoint safely and rebuilding the trained classifier from it (writing one
+durably: `core.checkpoint_files`).
 
 A checkpoint is loaded with `weights_only=True`: tensors and plain containers only, never
 arbitrary pickled code. Nothing in it is instantiated: its network must be one of
 `xray_cls.models.networks.NETWORKS`, named exactly, with arguments that are plain numbers, strings,
 booleans, None or lists of those, and it is built by calling that class (`build_network`), never
 through Hydra's recursive instantiate. The optimizer and scheduler configs it holds are never
-read: evaluation does not need them, and a resumed run builds its own from its config.
+read: evaluation does not need them, and a resumed run builds its own from its config. The zip's
+CRC-32s are verified first (torch's reader never checks them) and weights must be finite.
 """
 
 from __future__ import annotations

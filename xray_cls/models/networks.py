@@ -13,8 +13,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from xray_cls.core.errors import UserInputError
+from xray_cls.core.legacy_names import canonical
 from xray_cls.core.options import check_choice, check_number
-from xray_cls.models.backbones import TimmNet, TorchvisionNet  # noqa: E402  (they build on no network of this module)
+from xray_cls.models.backbones import TimmNet, TorchvisionNet
 from xray_cls.models.heads import class_logits, output_width
 
 
@@ -208,17 +209,9 @@ NETWORKS: dict[str, type[nn.Module]] = {
     if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == __name__
 }
 NETWORKS.update({f"{net.__module__}.{net.__name__}": net for net in (TorchvisionNet, TimmNet)})
-# Where checkpoints written before the layer folders name them (xray_cls.networks.CNN): the same classes.
-LEGACY_MODULES = {"xray_cls.networks.": f"{__name__}.", "xray_cls.backbones.": f"{TorchvisionNet.__module__}."}
-
-
 def canonical_target(target: object) -> object:
-    """A network's `_target_` as NETWORKS names it: an older checkpoint's name mapped to today's."""
-    if isinstance(target, str):
-        for old, new in LEGACY_MODULES.items():
-            if target.startswith(old) and target.count(".") == old.count("."):
-                return new + target.removeprefix(old)
-    return target
+    """A network's `_target_` as NETWORKS names it: an older checkpoint's (xray_cls.networks.CNN) as today's."""
+    return canonical(target)
 
 
 def canonical_config(net: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,9 @@ nor downloadable is one line naming it, where it comes from and where to put it.
 Weights are loaded here only, into a new run's network: never when a checkpoint is loaded
 (predict, evaluate, export, resume), whose own state dict fills the architecture.
 
-Fine-tuning: `model.freeze_epochs` keeps the backbone (every parameter but the head) frozen for
-the first epochs, its batch-norm statistics too; `model.backbone_lr_scale` trains it at that
-fraction of the head's learning rate.
+Fine-tuning: `model.backbone_lr_scale` trains the backbone (every parameter but the head) at that
+fraction of the head's learning rate (`parameter_groups`); `model.freeze_epochs` keeps it frozen
+for the first epochs (training.fine_tuning.FreezeBackbone).
 """
 
 from __future__ import annotations

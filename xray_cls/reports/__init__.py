@@ -1,9 +1,9 @@
-"""Layer 6, reports: what a finished run and a sweep leave behind. May import the layers below it
-(core, runtime, data, metrics, models, training).
+"""Layer 6, reports: what a finished run and a sweep leave behind.
+May import: core, runtime, data, metrics, models, training.
 
 - `test_report`: a test's metrics.json, figures and console table, written in one step;
 - `figures`, `tables`, `network_summary`, `gradcam`: the figures, the console table, the network's
   layers, Grad-CAM maps;
-- `sweep`, `sweep_figures`: the sweep report (report.md, summary.csv, figures/), from files read
-  as untrusted; `course_report`, `cross_validation`: two of its sections.
+- `sweep`, `sweep_runs`, `sweep_figures`: the sweep report (report.md, summary.csv, figures/), from
+  its runs' files read as untrusted; `course_report`, `cross_validation`: two of its sections.
 """

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image as PILImage
+
 log = logging.getLogger(__name__)
 
 

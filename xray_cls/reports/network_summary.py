@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import lightning as L
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-
-    pass
 
 
 def parameter_counts(net: nn.Module) -> dict[str, int]:

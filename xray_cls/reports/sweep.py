@@ -194,4 +194,3 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         report = write_report(Path(config.hydra.sweep.dir))
         log.info("sweep report: %s", report)
-

@@ -12,7 +12,15 @@ from typing import Any
 
 from xray_cls.core.files import path_text
 from xray_cls.core.task import MAX_CLASSES  # the confusion matrix a run's metrics.json may hold is at most this square
-from xray_cls.core.untrusted import UnreadableFile, one_line, read_json, read_string_list, value_at
+from xray_cls.core.untrusted import (
+    CURVES_FILE,
+    UnreadableFile,
+    one_line,
+    read_epoch_curves,
+    read_json,
+    read_string_list,
+    value_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +100,6 @@ def find_run_dirs(sweep_dir: Path) -> list[Path]:
 
 def read_curves(run_dir: Path, tags: tuple[str, ...] = ("acc/val", "loss/val")) -> dict[str, list[float]]:
     """Per-epoch values of `tags` from the run's curves.csv, written whichever logger ran."""
-    from xray_cls.training.loggers import CURVES_FILE, read_epoch_curves
-
     if not (run_dir / CURVES_FILE).exists():
         return {}
     rows = [row for _, row in sorted(read_epoch_curves(run_dir / CURVES_FILE).items())]

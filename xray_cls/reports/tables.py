@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-
-    pass
-
+from typing import Any
 
 SCORE_LABELS = {
     "accuracy": "accuracy",

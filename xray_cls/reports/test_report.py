@@ -11,7 +11,6 @@ from xray_cls.reports.figures import make_test_figures, reliability_figure, save
 from xray_cls.reports.tables import format_test_table
 
 if TYPE_CHECKING:
-
     from xray_cls.metrics.val_choices import ValChoices
 
 

@@ -1,4 +1,5 @@
-"""Layer 1, the runtime: what a command runs in. May import xray_cls.core only.
+"""Layer 1, the runtime: what a command runs in.
+May import: core.
 
 - `configs`: where the Hydra configs are, and the resolvers they use;
 - `console`: a quiet console, a user's mistake as one line, how a command on a checkpoint starts;

@@ -7,8 +7,8 @@ it stands, or (inside `fit`) lets Lightning finish the epoch and exit with statu
 had succeeded. Within `interruptible`, either signal raises `RunInterrupted` where the process is,
 naming the signal and the advice the command gives (resume with ckpt_path=..., or run it again);
 the CLI prints it as `interrupted: ...` and exits with 128 + the signal's number (130, 143). Files
-are written atomically everywhere (`files.atomic_write`), so what a stopped command leaves is whole.
-While a run trains, `callbacks.ResumableTraining` takes both signals instead: it checkpoints at the
+are written atomically everywhere (`core.files.atomic_write`), so what a stopped command leaves is
+whole. While a run trains, `training.callbacks.ResumableTraining` takes both signals instead: it checkpoints at the
 end of the batch, then raises the same error.
 """
 

@@ -1,5 +1,5 @@
-"""Layer 5, training: fitting a run with Lightning's Trainer. May import the layers below it
-(core, runtime, data, metrics, models).
+"""Layer 5, training: fitting a run with Lightning's Trainer.
+May import: core, runtime, data, metrics, models.
 
 - `options`: loss.*, checkpoint.*, the trainer's (no torch import);
 - `trainer`: the Trainer a run fits with, its callbacks and durable checkpoint writer;

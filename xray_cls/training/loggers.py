@@ -8,7 +8,6 @@ loggers, every run also writes `curves.csv` (`EpochCurves`): the sweep report re
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
@@ -21,12 +20,12 @@ from omegaconf import DictConfig
 
 from xray_cls.core.errors import UserInputError
 from xray_cls.core.files import atomic_write, write_csv, write_json
+from xray_cls.core.untrusted import CURVES_FILE, read_epoch_curves
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-CURVES_FILE = "curves.csv"
 RUN_IDS_FILE = "logger_runs.json"
 
 
@@ -66,29 +65,8 @@ class EpochCurves(Logger):
         write_csv(self.path, ({"epoch": epoch, **row} for epoch, row in sorted(self.rows.items())), ["epoch", *columns])
 
 
-MAX_EPOCHS_IN_CURVES = 100_000
 
 
-def read_epoch_curves(path: Path) -> dict[int, dict[str, float]]:
-    """curves.csv as {epoch (from 1): {metric: value}}, empty cells left out. The file may come
-    from a copied sweep folder: anything but an epoch number and numbers in its cells raises
-    `untrusted.UnreadableFile` naming the file and the row."""
-    from xray_cls.core.untrusted import UnreadableFile, read_text
-
-    rows: dict[int, dict[str, float]] = {}
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    if reader.fieldnames is None or "epoch" not in reader.fieldnames:
-        raise UnreadableFile(path, "has no epoch column; expected the curves.csv an xray_cls run writes")
-    for line, row in enumerate(reader, start=2):
-        try:
-            epoch = int(row.pop("epoch"))
-            values = {str(k): float(v) for k, v in row.items() if v not in ("", None)}
-        except (TypeError, ValueError):
-            raise UnreadableFile(path, f"row {line} holds something other than an epoch number and numbers") from None
-        if not 0 < epoch <= MAX_EPOCHS_IN_CURVES:
-            raise UnreadableFile(path, f"row {line} has epoch {epoch}; expected 1 to {MAX_EPOCHS_IN_CURVES:,}")
-        rows[epoch] = values
-    return rows
 
 
 def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:

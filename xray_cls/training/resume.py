@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from xray_cls.core.errors import UserInputError
+from xray_cls.core.legacy_names import canonical
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ def requeued_checkpoint(cfg: DictConfig) -> Path | None:
 
 def resume_folder(ckpt_path: Path) -> Path:
     """The run folder a checkpoint belongs to, where the resumed run carries on. Refused when the
-    file is not a checkpoint of ours, is not inside a run's checkpoints/ folder, or the run has
-    already finished."""
+    checkpoint (read and checked by the caller) is not inside a run's checkpoints/ folder, or the
+    run has already finished."""
     run_dir = ckpt_path.parent.parent
     if ckpt_path.parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
         raise UserInputError(
@@ -87,9 +88,11 @@ def check_same_network(ckpt_path: Path, checkpoint: dict[str, Any], net_cfg: dic
 
 def config_changes(run_dir: Path, cfg: DictConfig) -> list[str]:
     """The settings (dotted keys) in which `cfg` differs from the run's own config.yaml, apart from
-    those that do not change the result."""
+    those that do not change the result; a `_target_` of the flat layout (a run written before the
+    layer folders) is compared in today's name."""
     saved = _in_run_folder(_flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))))
     current = _in_run_folder(_flatten(OmegaConf.to_container(cfg, resolve=True)))
+    saved, current = ({k: canonical(v) if k.endswith("_target_") else v for k, v in flat.items()} for flat in (saved, current))
     ignored = {"ckpt_path", "paths.output_dir", "data.cache_dir", "trainer.enable_progress_bar"}
     display = ("callbacks.progress_bar.",)  # how the run is shown, not what it computes
     return [

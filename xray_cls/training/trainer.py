@@ -37,7 +37,6 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from xray_cls.training.loggers import CURVES_LAYOUT, build_loggers
-    from xray_cls.training.trainer import DurableCheckpointIO
 
     callbacks = run_callbacks(cfg, out_dir)
     # In a SLURM job, a restarted job resumes its run from last.ckpt (resume.requeued_checkpoint);
@@ -90,7 +89,6 @@ def run_callbacks(cfg: DictConfig, out_dir: Path) -> list[Any]:
 def supported_precision(trainer_cfg: DictConfig) -> str:
     """The precision to train in: `auto` is bf16-mixed on a GPU (16-mixed on GPUs without bf16)
     and 32-true elsewhere; an explicit bf16 setting also falls back to 16-mixed on such GPUs."""
-
     precision = str(trainer_cfg.precision)
     on_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     if precision == "auto":
