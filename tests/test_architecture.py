@@ -91,10 +91,11 @@ def test_an_import_of_the_flat_layout_still_works_or_says_where_it_went() -> Non
 
 def test_a_run_written_before_the_folders_resumes_with_its_config_as_it_was(tmp_path: Path) -> None:
     """Its config.yaml names xray_cls.networks.CNN and xray_cls.callbacks.RunCheckpoint: no setting differs."""
-    from conftest import SHORT_RUN, compose_config
     from omegaconf import OmegaConf
 
     from xray_cls.training.resume import config_changes
+
+    from conftest import SHORT_RUN, compose_config
 
     cfg = compose_config(tmp_path, SHORT_RUN)
     old = OmegaConf.to_yaml(cfg, resolve=True).replace("xray_cls.models.networks.", "xray_cls.networks.")

@@ -58,6 +58,8 @@ def find(name: str, homes: list[str]) -> tuple[str, Any] | None:
 
 def forwarding(old: str, homes: list[str] | None = None) -> Callable[[str], Any]:
     """A module `__getattr__` giving the names that moved out of module `old` from where they are now."""
+    if old == "__main__":  # run as `python -m xray_cls.train`: its name is in its spec
+        old = sys.modules["__main__"].__spec__.name  # type: ignore[union-attr]
     short = old.removeprefix("xray_cls.")
     places = homes if homes is not None else LEFT[short]
 
