@@ -10,6 +10,7 @@ with --folder, `+experiment=best_folder` on a Kermany/Kaggle image folder.
     python benchmarks/accuracy.py --folder PATH --site SITE [--site-fractions 0.05,0.1,0.2]
     python benchmarks/accuracy.py --folder PATH --task bacterial_viral   # +experiment=best_bacterial_viral
     python benchmarks/accuracy.py --folder PATH --task normal_bacterial_viral   # three classes
+    python benchmarks/accuracy.py --folder PATH --task bacterial_viral --pretrain   # from scratch, fine-tuned, linear probe
 
 Everything about a run is chosen on the validation split (checkpoint, temperature, threshold);
 each run's test split is evaluated once, after training, and only reported here. In folder mode
@@ -141,12 +142,23 @@ def main() -> None:
     parser.add_argument("--site-fractions", default="0.2", help="calibration fractions of the site (default 0.2)")
     parser.add_argument("--task", choices=sorted(RECIPES), default="pneumonia",
                         help="with --folder: the task, trained with its recipe (default pneumonia: +experiment=best_folder)")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="with --folder: the recipe from scratch, fine-tuned from a pretraining and as its linear probe")
+    parser.add_argument("--pretrain-epochs", type=int, default=100, help="with --pretrain: epochs of the pretraining (default 100)")
+    parser.add_argument("--method", choices=["simclr", "byol"], default="simclr", help="with --pretrain: the method (default simclr)")
     args = parser.parse_args()
     seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     quick = ["trainer.max_epochs=1", "trainer.limit_train_batches=10"] if args.quick else []
     common = ["trainer.enable_progress_bar=false", *quick]
 
     calibrated = [f"calibration={args.calibration}"]
+    if args.folder is not None and args.pretrain:
+        from pretraining import side_by_side
+
+        recipe = [f"+experiment={RECIPES[args.task]}", f"data.root={args.folder}", *calibrated, *common]
+        side_by_side(run, recipe, args.folder, args.task, seeds, 1 if args.quick else args.pretrain_epochs, args.method,
+                     ["trainer.limit_train_batches=3"] if args.quick else [])
+        return
     if args.folder is not None:
         fractions = [float(f) for f in args.site_fractions.split(",")]
         with tempfile.TemporaryDirectory() if args.site == "bundled" else nullcontext() as written:

@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from xray_cls.data import ImageFolderDataModule, PneumoniaMNISTDataModule
+from xray_cls.models.pretrained import PRETRAINING_KEYS
 from xray_cls.runtime.configs import CONFIG_DIR
 
 BENCHMARKS = Path(__file__).parent
@@ -95,7 +96,8 @@ def plain_fit_seconds(overrides: list[str]) -> float:
     torch.use_deterministic_algorithms(cfg.trainer.deterministic)  # as the project's Trainer does
     dm: PneumoniaMNISTDataModule = instantiate(cfg.data, seed=cfg.seed)
     dm.setup()
-    net = instantiate(OmegaConf.to_container(cfg.model), in_channels=dm.in_channels, image_size=dm.image_size)
+    arguments = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in PRETRAINING_KEYS}  # how to start, not what to build
+    net = instantiate(arguments, in_channels=dm.in_channels, image_size=dm.image_size)
     optimizer = instantiate(cfg.optimizer)(net.parameters())
     loss_fn = torch.nn.BCEWithLogitsLoss()
     train_split, val_split, batch = dm.splits["train"], dm.splits["val"], cfg.data.batch_size

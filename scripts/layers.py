@@ -21,7 +21,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xray_cls"
 # Bottom to top: a module may import its own folder and the folders it is allowed, all before it.
-LAYERS = ["core", "runtime", "data", "metrics", "models", "training", "reports", "evaluation", "commands"]
+LAYERS = ["core", "runtime", "data", "metrics", "models", "training", "pretraining", "reports", "evaluation", "commands"]
 ALLOWED = {
     "core": [],
     "runtime": ["core"],
@@ -29,6 +29,7 @@ ALLOWED = {
     "metrics": ["core"],
     "models": ["core", "data", "metrics"],
     "training": ["core", "runtime", "data", "metrics", "models"],
+    "pretraining": ["core", "runtime", "data", "metrics", "models", "training"],
     "reports": ["core", "runtime", "data", "metrics", "models", "training"],
     "evaluation": ["core", "runtime", "data", "metrics", "models", "training", "reports"],
     "commands": LAYERS[:-1],

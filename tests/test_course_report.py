@@ -12,6 +12,7 @@ import torch
 
 from xray_cls import sweep_report
 from xray_cls.models.networks import ReportCNN, ReportDense, build_network
+from xray_cls.models.pretrained import PRETRAINING_KEYS
 from xray_cls.reports import course_report
 from xray_cls.reports.network_summary import network_summary, parameter_counts
 
@@ -24,7 +25,7 @@ REPORT_RUNS = ["dense", "cnn", "cnn_no_dropout", "cnn_strong_aug", "cnn_mild_aug
 def test_the_report_networks_have_its_parameter_counts_at_256_px(tmp_path: Path, model: str, expected: int) -> None:
     """The report states them: 524,319 (dense) and 510,850 (CNN), with a two-way softmax output."""
     cfg = compose_config(tmp_path, [f"model={model}", "model.head=softmax2", "data=folder", "data.root=x", "data.image_size=256"])
-    net_cfg = {**cfg.model, "in_channels": 1, "image_size": cfg.data.image_size}
+    net_cfg = {**{k: v for k, v in cfg.model.items() if k not in PRETRAINING_KEYS}, "in_channels": 1, "image_size": cfg.data.image_size}
     assert parameter_counts(build_network(net_cfg))["total"] == expected
     one_logit = build_network({**net_cfg, "head": "logit"})  # the framework's default head: one output row fewer
     assert parameter_counts(one_logit)["total"] == expected - one_logit.head[-1].in_features - 1

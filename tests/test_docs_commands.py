@@ -21,7 +21,7 @@ from xray_cls.runtime.configs import CONFIG_DIR
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIGS = {"xray_cls": "train", "xray_cls.evaluate": "evaluate", "xray_cls.predict": "predict", "xray_cls.export": "export",
-           "xray_cls.adapt": "adapt", "xray_cls.recalibrate": "recalibrate"}
+           "xray_cls.adapt": "adapt", "xray_cls.recalibrate": "recalibrate", "xray_cls.pretrain": "pretrain"}
 OTHER_MODULES = {"xray_cls.sweep_report"}  # argparse commands: the module must exist
 
 

@@ -13,6 +13,7 @@ COMMANDS = {
     "predict": "xray_cls.predict",
     "export": "xray_cls.export",
     "adapt": "xray_cls.adapt",
+    "pretrain": "xray_cls.pretrain",
     "recalibrate": "xray_cls.recalibrate",
     "sweep-report": "xray_cls.sweep_report",
 }

@@ -82,7 +82,7 @@ def write_model(module: Any, kind: str, opset: int, model_path: Path) -> Path:
 def sidecar(module: Any, model_path: Path, cfg: DictConfig) -> dict[str, Any]:
     """model.json: what a user needs besides the model, from a picture to a decision."""
     from xray_cls.data import trained_geometry
-    from xray_cls.models.checkpoints import network_name
+    from xray_cls.models.untrusted_files import network_name
 
     prep, choices = module.hparams.preprocessing, module.choices
     return {

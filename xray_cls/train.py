@@ -114,7 +114,7 @@ def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from xray_cls.models.classifier import XrayClassifier
-    from xray_cls.models.pretrained import IMAGENET_GRAY, Pretraining, load_weights
+    from xray_cls.models.pretrained import IMAGENET_GRAY, Pretraining, load_weights, pretrained_backbone
     from xray_cls.reports.network_summary import network_summary
 
     datamodule = read_data(cfg)
@@ -125,8 +125,17 @@ def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
     net_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "in_channels": datamodule.in_channels,
                "image_size": datamodule.image_size}
     pretraining = Pretraining.pop_from(net_cfg)  # model.weights, ...: how to start, not what to build
-    if pretraining.weights is not None:  # pretrained filters expect the pixels scaled as in their training
-        datamodule.use_normalization("imagenet", *IMAGENET_GRAY)
+    backbone = None
+    if folder.resume_from is not None:  # as the run started: no weights file is read again
+        prep = folder.checkpoint["hyper_parameters"]["preprocessing"]
+        if prep.get("normalization", "train") != "train":
+            datamodule.use_normalization(prep["normalization"], prep["mean"], prep["std"])
+    else:
+        backbone = pretrained_backbone(pretraining, net_cfg, datamodule.image_size, datamodule.in_channels)
+        if backbone is not None:  # pretrained filters expect the pixels scaled as in their training
+            datamodule.use_normalization("pretraining", backbone.mean, backbone.std)
+        elif pretraining.weights is not None:
+            datamodule.use_normalization("imagenet", *IMAGENET_GRAY)
     if num_classes > 2:  # two classes' networks keep the arguments of earlier checkpoints
         net_cfg["num_classes"] = num_classes
     train_counts = datamodule.splits["train"].class_counts(num_classes)
@@ -147,7 +156,7 @@ def build_data_and_model(cfg: DictConfig, folder: RunFolder) -> tuple[Any, Any]:
 
     check_fine_tuning(cfg, pretraining, module.net)
     if folder.resume_from is None:  # a resumed run's checkpoint holds its weights: nothing else is read
-        load_weights(module.net, pretraining)
+        load_weights(module.net, pretraining, backbone)
     log.info("network:\n%s", network_summary(module.net, (datamodule.in_channels, datamodule.image_size, datamodule.image_size)))
     return datamodule, module
 

@@ -29,7 +29,7 @@ MOVED = {
     "interrupts": ["runtime.interrupts"], "slurm": ["runtime.slurm"], "slurm_watcher": ["runtime.slurm_watcher"],
     "val_choices": ["metrics.val_choices", "evaluation.logits"], "heads": ["models.heads"], "networks": ["models.networks"],
     "backbones": ["models.backbones"], "classifier": ["models.classifier"], "pretrained": ["models.pretrained", "training.fine_tuning"],
-    "checkpoint": ["models.checkpoints", "core.checkpoint_files", "training.trainer"], "callbacks": ["training.callbacks"],
+    "checkpoint": ["models.checkpoints", "models.untrusted_files", "core.checkpoint_files", "training.trainer"], "callbacks": ["training.callbacks"],
     "loggers": ["training.loggers", "core.untrusted"], "resume": ["training.resume", "training.training_state"],
     "gradcam": ["reports.gradcam"], "course_report": ["reports.course_report"], "cross_validation": ["reports.cross_validation"],
     "ensemble": ["evaluation.ensemble"], "site": ["evaluation.site"], "site_protocol": ["evaluation.site_protocol"],
@@ -43,6 +43,7 @@ LEFT = {
     "evaluate": ["evaluation.reading"], "predict": ["data.inputs"], "sweep_report": ["reports.sweep", "reports.sweep_runs",
                                                                                     "reports.sweep_figures"],
     "data.folder": ["data.patients"], "data.images": ["data.dicom", "data.headers"], "data.datamodule": ["data.splits"],
+    "models.checkpoints": ["models.untrusted_files"],
     "metrics": ["metrics.calibration", "metrics.thresholds", "metrics.bootstrap", "metrics.per_class"],
 }
 

@@ -42,9 +42,10 @@ def expected_npz(path: Path) -> str:
     return f"data.path: {path_text(path)}"
 
 
-def read_arrays(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
-    """The arrays `keys` of the `.npz` at `path`, each checked before it is allocated."""
-    where = expected_npz(path)
+def read_arrays(path: Path, keys: list[str], where: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays `keys` of the `.npz` at `path`, each checked before it is allocated; errors name
+    it as `where` says (data.path by default)."""
+    where = where or expected_npz(path)
     if path.is_dir():
         raise UserInputError(f"{where} is a folder; expected a MedMNIST-style .npz file")
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""Layer 7, evaluation: a trained model on other data.
+"""Layer 8, evaluation: a trained model on other data.
 May import: core, runtime, data, metrics, models, training, reports.
 
 - `options`: split, site.*, the adaptation methods (no torch import);

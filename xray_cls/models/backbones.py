@@ -135,11 +135,6 @@ class TorchvisionNet(nn.Module):
         out = self.model(x)
         return class_logits(out.flatten(1))  # squeezenet: (N, K, 1, 1)
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        """Every parameter but the head's: what fine-tuning freezes or trains at a lower rate."""
-        head = set(map(id, self.model.get_submodule(self.head_name).parameters()))
-        return [p for p in self.parameters() if id(p) not in head]
-
     def load_pretrained(self, state: dict[str, Tensor], source: str) -> None:
         """The builder's own (ImageNet) state dict: every tensor but the head's; the first
         convolution's RGB filters summed into its input channels when they differ."""
@@ -196,7 +191,3 @@ class TimmNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return class_logits(self.model(x))
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        head = set(map(id, self.model.get_classifier().parameters()))
-        return [p for p in self.parameters() if id(p) not in head]

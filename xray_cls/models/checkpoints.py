@@ -12,16 +12,12 @@ CRC-32s are verified first (torch's reader never checks them) and weights must b
 
 from __future__ import annotations
 
-import math
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from xray_cls.core.errors import UserInputError
+from xray_cls.core.legacy_names import forwarding
+from xray_cls.models.untrusted_files import check_state_dict, is_plain, kind_of, load_plain, network_problem, pixels_problem
 
 if TYPE_CHECKING:
     from xray_cls.models.classifier import XrayClassifier
@@ -32,30 +28,12 @@ EXPECTED = "a .ckpt file written by an xray_cls run (outputs/<run>/checkpoints/b
 
 def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict[str, Any]:
     """The checkpoint at `path` as a dict, or one UserInputError naming `option`, the path and what is wrong."""
+    checkpoint = load_plain(path, option, EXPECTED)
     path = Path(path).expanduser()
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise UserInputError(f"{option}={path} {what}; expected {EXPECTED}")
-    damaged = damaged_entry(path)
-    if damaged:
-        raise UserInputError(f"{option}={path} is damaged: {damaged}; expected {EXPECTED}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise UserInputError(f"{option}={path} cannot be read (permission denied)") from None
-    except pickle.UnpicklingError as err:  # weights_only refused an object: the file tried to be more than data
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserInputError(
-            f"{option}={path} is not a plain checkpoint: it holds Python objects{what} that could run code when loaded, "
-            f"so it will not be loaded; expected {EXPECTED}"
-        ) from None
-    except Exception as err:  # truncated zip, foreign file, ...: all mean "not ours"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(
-            f"{option}={path} is not a readable checkpoint ({reason[:200]}); expected {EXPECTED}"
-        ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if isinstance(hparams, dict) and "method" in hparams:
+        raise UserInputError(f"{option}={path} is a checkpoint of a pretraining (python -m xray_cls.pretrain), not of a "
+                             "classifier; fine-tune its run's backbone.pth with model.weights=<run>/backbone.pth")
     if "state_dict" not in checkpoint or not isinstance(hparams, dict) or not isinstance(hparams.get("net"), dict):
         raise UserInputError(f"{option}={path} is a PyTorch file but not an xray_cls checkpoint; expected {EXPECTED}")
     if not isinstance(hparams.get("preprocessing"), dict):
@@ -68,45 +46,21 @@ def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict[str, Any]:
     return checkpoint
 
 
-def damaged_entry(path: Path) -> str | None:
-    """What of a checkpoint's zip does not match its own CRC-32 checksums, or None. torch's reader
-    never checks them: a flipped byte in a tensor would load as another weight, or NaN."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return None  # torch's legacy format, or not a checkpoint at all: torch.load says which
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except PermissionError:
-        return None  # said by torch.load, as for any file
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as err:
-        return f"its zip cannot be read ({' '.join(str(err).split())[:150] or type(err).__name__})"
-    return f"{bad[:100]} does not match its checksum" if bad else None
-
-
 def untrusted_part(hparams: dict[str, Any]) -> str | None:
     """What, in the hyper-parameters a checkpoint rebuilds its model from, is more than the exact
     name of one of our networks and plain values; None when nothing is."""
-    from xray_cls.models.networks import NETWORKS, canonical_target
-
-    net = dict(hparams["net"])
-    target = net.pop("_target_", None)
-    if canonical_target(target) not in NETWORKS:
-        return f"net._target_={str(target)[:100]!r} is not one of {', '.join(NETWORKS)}"
-    for key, value in net.items():
-        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
-            return f"net has the key {str(key)[:100]!r}, which is not a network argument"
-        if not _is_plain(value, lists=True):
-            return f"net.{key} is {_kind(value)}, not a number, string, boolean, None or a list of those"
-        if type(value) in (list, tuple) and len(value) > MAX_LIST_ARGUMENT:
-            return f"net.{key} has {len(value):,} items; a network argument holds at most {MAX_LIST_ARGUMENT}"
+    net = hparams["net"]
+    problem = network_problem(net)
+    if problem:
+        return problem
     threshold = hparams.get("threshold", 0.5)
     if type(threshold) not in (int, float) or not 0 <= threshold <= 1:
-        return f"threshold is {_kind(threshold) if type(threshold) not in (int, float) else threshold}, not a number in [0, 1]"
+        return f"threshold is {kind_of(threshold) if type(threshold) not in (int, float) else threshold}, not a number in [0, 1]"
     temperature = hparams.get("temperature", 1.0)
     if type(temperature) not in (int, float) or not 0 < temperature < float("inf"):
-        return f"temperature is {_kind(temperature) if type(temperature) not in (int, float) else temperature}, not a positive number"
+        return f"temperature is {kind_of(temperature) if type(temperature) not in (int, float) else temperature}, not a positive number"
     if type(hparams.get("pos_weight")) not in (int, float, type(None)):
-        return f"pos_weight is {_kind(hparams['pos_weight'])}, not a number or None"
+        return f"pos_weight is {kind_of(hparams['pos_weight'])}, not a number or None"
     from xray_cls.core.task import MAX_CLASSES
 
     classes = net.get("num_classes", 2)
@@ -114,8 +68,8 @@ def untrusted_part(hparams: dict[str, Any]) -> str | None:
         return f"net.num_classes={str(classes)[:20]} is not an integer from 2 to {MAX_CLASSES}"
     for group in ("preprocessing", "threshold_rule"):
         for key, value in (hparams.get(group) or {}).items():
-            if not _is_plain(value, lists=True) and (group, key) != ("preprocessing", "task"):  # the task: task_problem
-                return f"{group}.{key} is {_kind(value)}, not a number, string or a list of those"
+            if not is_plain(value, lists=True) and (group, key) != ("preprocessing", "task"):  # the task: task_problem
+                return f"{group}.{key} is {kind_of(value)}, not a number, string or a list of those"
     from xray_cls.metrics.options import CALIBRATIONS
 
     if hparams.get("calibration", "none") not in CALIBRATIONS:
@@ -134,33 +88,18 @@ def classes_problem(hparams: dict[str, Any], classes: int) -> str | None:
     return None
 
 
-PLAIN_TYPES = (bool, int, float, str, type(None))
-MAX_LIST_ARGUMENT = 64  # layers or stages a network argument lists; the study's have 1 to 4
-
-
+# whose pixel statistics a model normalizes by: its train split's, ImageNet's, or its pretraining's images
+NORMALIZATIONS = ("train", "imagenet", "pretraining")
 def preprocessing_problem(prep: dict[str, Any]) -> str | None:
     """What in a checkpoint's preprocessing is out of its bounds: these values size every tensor
     that evaluate, predict and export allocate, so they are checked like any option."""
-    from xray_cls.data.options import GEOMETRIES, MAX_IMAGE_SIZE
-
-    def number(key: str) -> Any:
-        value = prep.get(key)
-        return value if type(value) in (int, float) and math.isfinite(value) else None
-
-    if type(prep.get("image_size")) is not int or not 1 <= prep["image_size"] <= MAX_IMAGE_SIZE:
-        return f"preprocessing.image_size={str(prep.get('image_size'))[:50]} is not an integer from 1 to {MAX_IMAGE_SIZE}"
-    if type(prep.get("in_channels")) is not int or not 1 <= prep["in_channels"] <= 4:
-        return f"preprocessing.in_channels={str(prep.get('in_channels'))[:50]} is not an integer from 1 to 4"
-    if number("mean") is None:
-        return f"preprocessing.mean={str(prep.get('mean'))[:50]} is not a finite number"
-    if number("std") is None or prep["std"] <= 0:
-        return f"preprocessing.std={str(prep.get('std'))[:50]} is not a positive number"
-    if "geometry" in prep and prep["geometry"] not in GEOMETRIES:
-        return f"preprocessing.geometry={str(prep['geometry'])[:50]!r} is not one of {', '.join(GEOMETRIES)}"
+    problem = pixels_problem(prep)
+    if problem:
+        return problem
     from xray_cls.core.task import MAX_CLASSES
 
-    if prep.get("normalization", "train") not in ("train", "imagenet"):
-        return f"preprocessing.normalization={str(prep['normalization'])[:50]!r} is not train or imagenet"
+    if prep.get("normalization", "train") not in NORMALIZATIONS:
+        return f"preprocessing.normalization={str(prep['normalization'])[:50]!r} is not one of {', '.join(NORMALIZATIONS)}"
     names = prep.get("class_names")
     if type(names) is not list or not 2 <= len(names) <= MAX_CLASSES or not all(type(n) is str and 0 < len(n) <= 100 for n in names):
         return f"preprocessing.class_names is not a list of 2 to {MAX_CLASSES} class names"
@@ -188,21 +127,6 @@ def task_problem(record: Any, class_names: list[str]) -> str | None:
     return None
 
 
-def _is_plain(value: Any, lists: bool = False) -> bool:
-    """A plain number, string, boolean or None (subclasses excluded); with `lists`, also a list of those."""
-    if lists and type(value) in (list, tuple):
-        return all(type(item) in PLAIN_TYPES for item in value)
-    return type(value) in PLAIN_TYPES
-
-
-def _kind(value: Any) -> str:
-    if type(value) in (list, tuple):
-        return f"a list holding {_kind(next(item for item in value if type(item) not in PLAIN_TYPES))}"
-    if isinstance(value, dict) and "_target_" in value:
-        return f"a config to instantiate ({str(value['_target_'])[:100]})"
-    return f"a {type(value).__name__}"
-
-
 def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
     """The trained classifier of a checkpoint, in eval mode, with its preprocessing, threshold and temperature."""
     from xray_cls.models.classifier import XrayClassifier
@@ -228,32 +152,4 @@ def load_classifier(path: str | Path, option: str = "ckpt") -> XrayClassifier:
     return module.eval()
 
 
-def check_state_dict(net_cfg: dict[str, Any], state_dict: Any, source: str) -> None:
-    """The network `net_cfg` names, built on PyTorch's meta device (shapes, no memory), must have
-    exactly the tensors of `state_dict` (under `net.`): so that arguments that would build a
-    network far larger than the file (hidden=[1000000]) are refused before anything is allocated."""
-    from xray_cls.models.networks import build_network
-
-    try:
-        with torch.device("meta"):
-            expected = {f"net.{k}": tuple(v.shape) for k, v in build_network(net_cfg).state_dict().items()}
-    except Exception as err:  # noqa: BLE001  any argument may be hostile: a failure of any kind is "not buildable"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"{source} names a network that cannot be built ({reason[:200]})") from None
-    held = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(k, str) and k.startswith("net.") and isinstance(v, torch.Tensor)}
-    differ = sorted(k for k in expected.keys() | held.keys() if expected.get(k) != held.get(k))
-    if differ:
-        key = differ[0]
-        raise UserInputError(
-            f"{source} does not match the network it names ({len(differ)} tensor(s) differ; {key}: the arguments build "
-            f"{list(expected[key]) if key in expected else 'nothing'}, the file holds {list(held[key]) if key in held else 'nothing'})"
-        )
-    broken = next((k for k, v in state_dict.items() if k in held and v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if broken:
-        raise UserInputError(f"{source} holds weights that are not finite numbers (NaN or infinity in {broken}): a diverged run, "
-                             "or a damaged file; expected a checkpoint of a run that trained")
-
-
-def network_name(net_cfg: Any) -> str:
-    """CNN for {"_target_": "xray_cls.models.networks.CNN", ...}, a dict or a DictConfig."""
-    return str(net_cfg.get("_target_", "?")).rsplit(".", 1)[-1]
+__getattr__ = forwarding(__name__)  # the checks that moved to models.untrusted_files, from there

@@ -1,7 +1,9 @@
 """Starting a new run from pretrained weights, and fine-tuning them.
 
 `model.weights` is null (from scratch), a torchvision weights name (`DEFAULT`, `IMAGENET1K_V1`;
-model=timm: `pretrained`) or the path of a local `.pth` state dict. torchvision's weights come
+model=timm: `pretrained`), the path of a local `.pth` state dict, or the backbone.pth of a
+self-supervised pretraining (`python -m xray_cls.pretrain`, `backbone_files`), which fits any
+network, the study's too, pretrained as the run builds it. torchvision's weights come
 from its own cache (`$TORCH_HOME/hub/checkpoints/`, `~/.cache/torch/hub/checkpoints/` by default)
 through torchvision's own loading code, and are downloaded there only when missing and
 `model.download=true`; timm's from the Hugging Face cache likewise. A file that is neither there
@@ -65,21 +67,45 @@ class Pretraining:
         return {"freeze_epochs": self.freeze_epochs, "backbone_lr_scale": float(self.backbone_lr_scale)}
 
 
-def load_weights(net: nn.Module, pretraining: Pretraining) -> str:
-    """`pretraining.weights` into a new run's network; returns the normalization that fits them:
-    `imagenet` for pretrained weights, `train` (the train split's statistics) from scratch."""
+def pretrained_backbone(pretraining: Pretraining, net_cfg: dict[str, Any], image_size: int, in_channels: int) -> Any:
+    """The backbone file `model.weights` names, checked to fit the run's network and images; None
+    when model.weights is null, a weights name or another kind of state dict."""
+    from xray_cls.models.backbone_files import check_fits, read_backbone_file
+
+    weights = pretraining.weights
+    if weights is None or not is_path(weights) or not Path(weights).expanduser().is_file():
+        return None
+    found = read_backbone_file(Path(weights).expanduser(), "model.weights")
+    if found is not None:
+        check_fits(found, net_cfg, image_size, in_channels, f"model.weights={weights}")
+        log.info("model.weights: a backbone pretrained by %s for %s epochs on %s image(s) (sha256 of their list %s)",
+                 found.provenance.get("method"), found.provenance.get("epochs", 0), found.provenance.get("images"),
+                 str(found.provenance.get("files_sha256"))[:12])
+    return found
+
+
+def load_weights(net: nn.Module, pretraining: Pretraining, backbone: Any = None) -> str:
+    """`pretraining.weights` into a new run's network (`backbone`: the file pretrained_backbone
+    read); returns the normalization that fits them: `pretraining` for a backbone file,
+    `imagenet` for other pretrained weights, `train` (the train split's statistics) from scratch."""
+    from xray_cls.models.backbone_files import load_backbone
     from xray_cls.models.backbones import TimmNet, TorchvisionNet
 
     weights = pretraining.weights
     if weights is None:
         return "train"
+    if backbone is not None:
+        load_backbone(net, backbone)
+        log.info("pretrained backbone %s loaded into %s (its output layer new)", weights, type(net).__name__)
+        return "pretraining"
     if isinstance(net, TorchvisionNet):
         net.load_pretrained(torchvision_state(net.name, weights, pretraining.download), f"model.weights={weights}")
     elif isinstance(net, TimmNet):
         load_timm(net, weights, pretraining.download)
     else:
-        raise UserInputError(f"model.weights={weights}: the {type(net).__name__} has no pretrained weights; expected "
-                             "model=torchvision, model=timm or one of their configs (model=resnet18, model=densenet121, ...)")
+        raise UserInputError(f"model.weights={weights}: the {type(net).__name__} has no pretrained weights of that name; expected "
+                             "the backbone.pth of python -m xray_cls.pretrain, or model=torchvision, model=timm or one of "
+                             "their configs (model=resnet18, model=densenet121, ...)")
     log.info("pretrained weights %s loaded into %s (%s)", weights, net.name, type(net).__name__)
     return "imagenet"
 
@@ -194,9 +220,11 @@ def timm_cached_file(name: str) -> str | None:
 
 def parameter_groups(module: nn.Module, fine_tuning: dict[str, Any] | None, lr: float) -> Any:
     """The optimizer's parameters: all alike, or the head at `lr` and the backbone at lr x backbone_lr_scale."""
-    if not fine_tuning or not hasattr(module.net, "backbone_parameters"):
+    from xray_cls.models.features import backbone_parameters
+
+    if not fine_tuning:
         return module.parameters()
-    backbone = module.net.backbone_parameters()
+    backbone = backbone_parameters(module.net)
     ids = set(map(id, backbone))
     head = [p for p in module.parameters() if id(p) not in ids]
     scale = fine_tuning["backbone_lr_scale"]

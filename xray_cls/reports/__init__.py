@@ -1,4 +1,4 @@
-"""Layer 6, reports: what a finished run and a sweep leave behind.
+"""Layer 7, reports: what a finished run and a sweep leave behind.
 May import: core, runtime, data, metrics, models, training.
 
 - `test_report`: a test's metrics.json, figures and console table, written in one step;

@@ -89,7 +89,7 @@ def refuse_results(folder: Path, results: list[str], what: str, kind: str = "out
         raise UserInputError(
             f"the {kind} folder {folder} already holds {what} ({found}); choose a new "
             f"{'hydra.sweep.dir' if kind == 'sweep' else 'hydra.run.dir'} (nothing was "
-            "written)" + (", or resume an interrupted run with ckpt_path=<run>/checkpoints/last.ckpt" if kind == "run" else "")
+            "written)" + (", or resume an interrupted run with ckpt_path=<run>/checkpoints/last.ckpt" if kind in ("run", "pretraining") else "")
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 
@@ -188,9 +190,7 @@ class ResumableTraining(L.Callback):
         if states is None:
             log.warning("the checkpoint holds no random generator states: the resumed run will differ from an uninterrupted one")
             return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        _set_rng_states(states)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # Under DDP every process gets the signal at a different batch: Lightning's own handling stays.
@@ -239,4 +239,23 @@ class ResumableTraining(L.Callback):
 
 
 def _rng_states() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """torch's generators, and numpy's and Python's (which transforms such as lightly's blur draw
+    from), as tensors and numbers: a checkpoint holds no other objects."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64), "gauss": python_gauss}}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:  # absent from checkpoints written before
+        state = states["numpy"]
+        np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["position"], state["has_gauss"], state["gauss"]))
+    if "python" in states:
+        state = states["python"]
+        random.setstate((state["version"], tuple(state["internal"].tolist()), state["gauss"]))

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from xray_cls.core.errors import UserInputError
+from xray_cls.models.features import backbone_parameters
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class FreezeBackbone(Callback):
         self.norms: list[nn.Module] = []
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        backbone = set(map(id, pl_module.net.backbone_parameters()))
+        backbone = set(map(id, backbone_parameters(pl_module.net)))
         self.norms = [m for m in pl_module.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                       and all(id(p) in backbone for p in m.parameters())]
 
@@ -37,7 +38,7 @@ class FreezeBackbone(Callback):
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         frozen = self.frozen(trainer)
-        for param in pl_module.net.backbone_parameters():
+        for param in backbone_parameters(pl_module.net):
             param.requires_grad_(not frozen)
         for norm in self.norms:
             norm.train(not frozen)
@@ -51,13 +52,9 @@ class FreezeBackbone(Callback):
 
 
 def check_fine_tuning(cfg: DictConfig, pretraining: Any, net: Any) -> None:
-    """model.freeze_epochs and backbone_lr_scale need a backbone; freezing under DDP needs DDP to
-    expect parameters without gradients."""
+    """Freezing the backbone (every layer but the output layer) under DDP needs DDP to expect parameters without gradients."""
     if pretraining.fine_tuning is None:
         return
-    if not hasattr(net, "backbone_parameters"):
-        raise UserInputError(f"model.freeze_epochs and model.backbone_lr_scale fine-tune a pretrained backbone; the "
-                             f"{type(net).__name__} has none: expected model=torchvision, model=timm or one of their configs")
     strategy = str(cfg.trainer.get("strategy", "auto"))
     if pretraining.freeze_epochs and strategy.startswith("ddp") and "find_unused_parameters_true" not in strategy:
         raise UserInputError(f"model.freeze_epochs={pretraining.freeze_epochs} with trainer.strategy={strategy}: DDP waits for the "

@@ -184,7 +184,7 @@ CURVES_LAYOUT = {
 
 def run_hparams(cfg: DictConfig, image_size: int) -> dict[str, Any]:
     """The settings a study compares runs by (TensorBoard's HParams columns)."""
-    from xray_cls.models.checkpoints import network_name
+    from xray_cls.models.untrusted_files import network_name
 
     return {
         "model": cfg.model.get("name") or network_name(cfg.model).lower(),  # torchvision's and timm's by their name

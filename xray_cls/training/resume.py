@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,8 @@ def resume_folder(ckpt_path: Path) -> Path:
 def check_same_network(ckpt_path: Path, checkpoint: dict[str, Any], net_cfg: dict[str, Any]) -> None:
     """A run resumes only with the network it was trained with (`checkpoint`, read from
     `ckpt_path`): name both when they differ."""
-    from xray_cls.models.checkpoints import check_state_dict, network_name
     from xray_cls.models.networks import canonical_config
+    from xray_cls.models.untrusted_files import check_state_dict, network_name
 
     trained, net_cfg = canonical_config(checkpoint["hyper_parameters"]["net"]), canonical_config(net_cfg)
     if trained != net_cfg:
@@ -97,8 +98,13 @@ def config_changes(run_dir: Path, cfg: DictConfig) -> list[str]:
     display = ("callbacks.progress_bar.",)  # how the run is shown, not what it computes
     return [
         k for k in sorted(saved.keys() | current.keys())
-        if k not in ignored and not k.startswith(display) and saved.get(k) != current.get(k)
+        if k not in ignored and not k.startswith(display) and saved.get(k, ADDED.get(k)) != current.get(k)
     ]
+
+
+# Options added to configs after runs were written, at the values that change nothing: a run's
+# config.yaml without them holds them at these.
+ADDED = {"model.weights": None, "model.freeze_epochs": 0, "model.backbone_lr_scale": 1.0}
 
 
 def _in_run_folder(flat: dict[str, Any]) -> dict[str, Any]:
@@ -137,15 +143,16 @@ class RunFolder:
     checkpoint: dict[str, Any] | None = None  # resume_from, read (and checked) once for every check before the resume
 
 
-def locate_run_folder(cfg: DictConfig) -> RunFolder:
-    """The run's folder: paths.output_dir, or the folder of the run it resumes."""
+def locate_run_folder(cfg: DictConfig, read: Callable[[Path, str], dict[str, Any]] | None = None) -> RunFolder:
+    """The run's folder: paths.output_dir, or the folder of the run it resumes, whose checkpoint
+    `read` reads and checks (a classifier's: models.checkpoints.read_checkpoint)."""
     from xray_cls.models.checkpoints import read_checkpoint
 
     asked = bool(cfg.get("ckpt_path"))
     resume_from = Path(cfg.ckpt_path).expanduser() if asked else requeued_checkpoint(cfg)
     if resume_from is None:
         return RunFolder(Path(cfg.paths.output_dir))
-    checkpoint = read_checkpoint(resume_from, "ckpt_path")
+    checkpoint = (read or read_checkpoint)(resume_from, "ckpt_path")
     path = resume_folder(resume_from)  # the run carries on in its own folder: checkpoints, loggers, curves.csv
     cfg.paths.output_dir = str(path)
     return RunFolder(path, resume_from, asked, checkpoint)
@@ -170,8 +177,8 @@ def stop_advice(folder: RunFolder) -> Any:
     return interruptible(advice) if rank_zero_only.rank == 0 else contextlib.nullcontext()
 
 
-def log_to_run_folder(run_dir: Path) -> None:
-    """A resumed run's log continues in its own train.log, beside the resuming command's."""
-    handler = logging.FileHandler(run_dir / "train.log", errors="backslashreplace")
+def log_to_run_folder(run_dir: Path, name: str = "train.log") -> None:
+    """A resumed run's log continues in its own log file (`name`), beside the resuming command's."""
+    handler = logging.FileHandler(run_dir / name, errors="backslashreplace")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
     logging.getLogger().addHandler(handler)

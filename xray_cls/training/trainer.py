@@ -45,9 +45,12 @@ def build_trainer(cfg: DictConfig, out_dir: Path) -> Any:
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     loggers = build_loggers(cfg.get("logger"), out_dir)
+    sync = {"sync_batchnorm": False} if cfg.trainer.get("sync_batchnorm") and not on_gpu(cfg.trainer) else {}
+    if sync:  # torch's SyncBatchNorm refuses CPU modules; DDP on CPUs keeps each process's batch norm
+        log.info("trainer.sync_batchnorm: batch norm is synchronized on GPUs only; each CPU process keeps its own")
     trainer = instantiate(
         cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=out_dir,
-        precision=supported_precision(cfg.trainer), plugins=plugins,
+        precision=supported_precision(cfg.trainer), plugins=plugins, **sync,
     )
     if trainer.is_global_zero:
         for logger in loggers:
@@ -90,10 +93,14 @@ def supported_precision(trainer_cfg: DictConfig) -> str:
     """The precision to train in: `auto` is bf16-mixed on a GPU (16-mixed on GPUs without bf16)
     and 32-true elsewhere; an explicit bf16 setting also falls back to 16-mixed on such GPUs."""
     precision = str(trainer_cfg.precision)
-    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    gpu = on_gpu(trainer_cfg)
     if precision == "auto":
-        precision = "bf16-mixed" if on_gpu else "32-true"
-    if precision.startswith("bf16") and on_gpu and not torch.cuda.is_bf16_supported():
+        precision = "bf16-mixed" if gpu else "32-true"
+    if precision.startswith("bf16") and gpu and not torch.cuda.is_bf16_supported():
         log.warning("this GPU has no bf16: using 16-mixed precision instead of %s", precision)
         return "16-mixed"
     return precision
+
+
+def on_gpu(trainer_cfg: DictConfig) -> bool:
+    return trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()

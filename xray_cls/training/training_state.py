@@ -148,6 +148,24 @@ def rng_problem(states: Any, where: str) -> str | None:
     if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and (shape is None or t.shape == shape)
                                              for t in cuda):
         return f"{where}.cuda is not a list of CUDA generator states"
+    return seeded_generators_problem(states, where)
+
+
+def seeded_generators_problem(states: dict[str, Any], where: str) -> str | None:
+    """numpy's and Python's generator states, as ResumableTraining saves them (absent from older checkpoints)."""
+    numpy_state, python_state = states.get("numpy"), states.get("python")
+    if numpy_state is not None and not (
+            isinstance(numpy_state, dict) and isinstance(numpy_state.get("keys"), torch.Tensor) and numpy_state["keys"].shape == (624,)
+            and numpy_state["keys"].dtype == torch.int64 and bool(((numpy_state["keys"] >= 0) & (numpy_state["keys"] < 2**32)).all())
+            and type(numpy_state.get("position")) is int and 0 <= numpy_state["position"] <= 624
+            and type(numpy_state.get("has_gauss")) is int and type(numpy_state.get("gauss")) is float):
+        return f"{where}.numpy is not a state of numpy's random generator"
+    if python_state is not None and not (
+            isinstance(python_state, dict) and python_state.get("version") == 3 and isinstance(python_state.get("internal"), torch.Tensor)
+            and python_state["internal"].shape == (625,) and python_state["internal"].dtype == torch.int64
+            and bool(((python_state["internal"] >= 0) & (python_state["internal"] < 2**32)).all()) and int(python_state["internal"][-1]) <= 624
+            and type(python_state.get("gauss")) in (float, type(None))):
+        return f"{where}.python is not a state of Python's random generator"
     return None
 
 
