@@ -11,6 +11,7 @@ made on val; each run's development test is evaluated once and reported.
 
 from __future__ import annotations
 
+import csv
 import statistics
 import tempfile
 import time
@@ -36,7 +37,12 @@ def pretrained(root: Path, task: str, image_size: int, epochs: int, method: str,
             "model=resnet", f"method={method}", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false", *overrides])
     started = time.monotonic()
     metrics = pretrain(cfg)
-    return {**metrics, "minutes": (time.monotonic() - started) / 60, "backbone": out / "backbone.pth"}
+    minutes = (time.monotonic() - started) / 60
+    rows = list(csv.DictReader((out / "curves.csv").open()))  # what the pretraining learned, epoch by epoch
+    print("  pretraining: epoch, loss, kNN accuracy on val: " + "; ".join(
+        f"{r['epoch']} {float(r['loss/pretrain_epoch']):.3f} {share(float(r['knn_acc/val']) if r.get('knn_acc/val') else None)}"
+        for i, r in enumerate(rows) if i % 10 == 0 or i == len(rows) - 1))
+    return {**metrics, "minutes": minutes, "backbone": out / "backbone.pth"}
 
 
 def side_by_side(run: Callable[[list[str], int], dict[str, Any]], recipe: list[str], root: Path, task: str, seeds: list[int],
