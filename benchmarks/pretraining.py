@@ -34,7 +34,7 @@ def pretrained(root: Path, task: str, image_size: int, epochs: int, method: str,
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("pretrain", overrides=[
             f"paths.output_dir={out}", "data=folder", f"data.root={root}", f"data.image_size={image_size}", f"task={task}",
-            "model=resnet", f"method={method}", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false", *overrides])
+            "model=resnet", f"ssl={method}", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false", *overrides])
     started = time.monotonic()
     metrics = pretrain(cfg)
     minutes = (time.monotonic() - started) / 60

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from xray_cls.core.errors import UserInputError
 from xray_cls.models.backbone_files import read_backbone_file
 from xray_cls.models.networks import build_network
 from xray_cls.models.pretrained import Pretraining, load_weights, pretrained_backbone
@@ -24,7 +25,7 @@ from xray_cls.pretrain import pretrain, read_images
 from conftest import compose_config, make_kermany_folder, run_cli
 
 SMALL_CNN = ["model=cnn", "model.channels=[8,16]", "model.hidden=[32]", "model.dropout=0"]
-QUICK = ["trainer.enable_progress_bar=false", "pretrain.batch_size=32", "method.hidden_dim=64", "method.projection_dim=32"]
+QUICK = ["trainer.enable_progress_bar=false", "pretrain.batch_size=32", "ssl.hidden_dim=64", "ssl.projection_dim=32"]
 
 
 def stripes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +189,7 @@ def test_test_images_are_left_out_unless_asked_for(tmp_path: Path, stripes_npz: 
     (["pretrain.batch_size=1"], "pretrain.batch_size=1 is not valid; expected an integer >= 2"),
     (["views.blur_sigma=[2,1]"], "views.blur_sigma=[2, 1] is not valid; expected [low, high]"),
     (["pretrain.sources=[/no/such/folder]"], "pretrain.sources: /no/such/folder does not exist; expected folders"),
-    (["method.temperature=0"], "method.temperature=0 is not valid"),
+    (["ssl.temperature=0"], "ssl.temperature=0 is not valid"),
 ])
 def test_a_bad_option_is_one_line(tmp_path: Path, overrides: list[str], message: str) -> None:
     done = run_cli(["debug=fast", *overrides, f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, module="xray_cls.pretrain")
@@ -311,7 +312,7 @@ def test_a_pretraining_runs_under_ddp(tmp_path: Path, stripes_npz: Path) -> None
 
 def test_byol_pretrains_and_resumes_to_the_same_backbone(tmp_path: Path, stripes_npz: Path) -> None:
     """BYOL's momentum copies are checkpointed as they follow the online network: a resumed run ends where the whole run ended."""
-    every_epoch = [f"data.path={stripes_npz}", "method=byol", "trainer.max_epochs=3", "callbacks.model_checkpoint.save_top_k=-1",
+    every_epoch = [f"data.path={stripes_npz}", "ssl=byol", "trainer.max_epochs=3", "callbacks.model_checkpoint.save_top_k=-1",
                    "+callbacks.model_checkpoint.filename='{epoch}'"]
     run(tmp_path / "whole", every_epoch)
     folder = tmp_path / "stopped"
@@ -323,3 +324,11 @@ def test_byol_pretrains_and_resumes_to_the_same_backbone(tmp_path: Path, stripes
     state = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     online, momentum = state["method.backbone.net.features.0.weight"], state["method.backbone_momentum.net.features.0.weight"]
     assert not torch.equal(online, momentum)  # the copy lags the online network, as BYOL's target does
+
+
+def test_a_pretraining_resumes_only_with_its_own_network(tmp_path: Path, pretrained: Path, stripes_npz: Path) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(pretrained, folder, ignore=shutil.ignore_patterns("metrics.json", "backbone.pth"))
+    overrides = [f"data.path={stripes_npz}", "trainer.max_epochs=6", f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"]
+    with pytest.raises(UserInputError, match=r"is a pretraining of another network or image size \(model.hidden=\[32\] there, \[64\] here\)"):
+        pretrain(compose_config(tmp_path / "out", [*SMALL_CNN, *QUICK, "model.hidden=[64]", *overrides], name="pretrain"))

@@ -3,7 +3,7 @@
 1. prepare the run folder (`outputs/pretrain/<date>/<time>/`): a new one, or that of the
    pretraining it resumes (`ckpt_path=<run>/checkpoints/last.ckpt`);
 2. read the images, labels never learned from (`pretraining.sources`);
-3. fit the method (`method=simclr|byol`, `pretraining.methods`) on two views of each image;
+3. fit the method (`ssl=simclr|byol`, `pretraining.methods`) on two views of each image;
 4. write backbone.pth (the backbone with its provenance, `models.backbone_files`) and metrics.json.
 
 A classifier then starts from it: `python -m xray_cls model.weights=<run>/backbone.pth` with the
@@ -97,7 +97,7 @@ def build_module(cfg: DictConfig, images: Any, labeled: Any) -> Any:
     preprocessing = {"image_size": net["image_size"], "in_channels": net["in_channels"], "mean": mean, "std": std,
                      "geometry": cfg.data.get("geometry", "crop"), "normalization": "pretraining"}
     return SelfSupervised(
-        net=net, method=OmegaConf.to_container(cfg.method, resolve=True),
+        net=net, method=OmegaConf.to_container(cfg.ssl, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         preprocessing=preprocessing, num_classes=len(labeled.class_names) if labeled is not None else 2,
@@ -118,12 +118,26 @@ def fit(cfg: DictConfig, folder: RunFolder, module: Any, images: Any, labeled: A
         if folder.asked_to_resume and rank_zero_only.rank == 0:  # a requeued job logs there already
             log_to_run_folder(folder.path, "pretrain.log")
         log.info("resuming the pretraining %s from %s", folder.path, folder.resume_from)
+        check_same_network(folder, module)
         warn_config_changes(folder.path, cfg)
         check_training_state(folder.resume_from, folder.checkpoint, trainer, module)
         folder.checkpoint = None  # checked: Lightning reads the file itself
     train, val = loaders(cfg, trainer, module, images, labeled)
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=folder.resume_from, weights_only=True)
     return trainer
+
+
+def check_same_network(folder: RunFolder, module: Any) -> None:
+    """A pretraining resumes only with the network and images it started with: one line naming what differs."""
+    from xray_cls.models.networks import canonical_config
+
+    saved = folder.checkpoint["hyper_parameters"]
+    trained, now = canonical_config(saved["net"]), canonical_config(module.hparams.net)
+    differ = [f"model.{k}={trained.get(k)!r} there, {now.get(k)!r} here" for k in sorted(trained.keys() | now.keys())
+              if trained.get(k) != now.get(k)]
+    if differ:
+        raise UserInputError(f"ckpt_path={folder.resume_from} is a pretraining of another network or image size "
+                             f"({'; '.join(differ)}); resume with the overrides it was started with (see its config.yaml)")
 
 
 def loaders(cfg: DictConfig, trainer: Any, module: Any, images: Any, labeled: Any) -> tuple[Any, Any]:
@@ -161,7 +175,7 @@ def write_results(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, ima
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and not k.endswith("_step")}
     provenance = {
-        "method": str(cfg.method._target_).rsplit(".", 1)[-1], "epochs": trainer.current_epoch,
+        "method": str(cfg.ssl._target_).rsplit(".", 1)[-1], "epochs": trainer.current_epoch,
         "sources": images.counts, "images": len(images.names), "files_sha256": images.files_sha256(),
         "include_test": bool(cfg.pretrain.include_test), "image_size": module.hparams.preprocessing["image_size"],
         "seed": cfg.seed, "run": str(out_dir), "knn_acc_val": metrics.get("knn_acc/val"),

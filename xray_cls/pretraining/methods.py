@@ -1,4 +1,4 @@
-"""The self-supervised methods (`method=`), each a backbone's features, lightly's heads and loss.
+"""The self-supervised methods (`ssl=`), each a backbone's features, lightly's heads and loss.
 
 - SimCLR (Chen et al., 2020): two views of an image are pulled together and every other image
   of the batch pushed away (NT-Xent over a projection head);

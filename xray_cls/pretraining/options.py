@@ -1,4 +1,4 @@
-"""The options of a pretraining (pretrain.*, views.*, method.*), declared without importing torch."""
+"""The options of a pretraining (pretrain.*, views.*, ssl.*), declared without importing torch."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ PRETRAIN = [
     *(number(f"views.{key}", 0, 1) for key in ("rotation_prob", "jitter_prob", "blur_prob", "hflip_prob")),
     *(number(f"views.{key}", 0, 1) for key in ("brightness", "contrast")),
     Option("views.blur_sigma", _sigma),
-    number("method.temperature", 0, low_open=True),
-    number("method.momentum", 0, 1),
-    *(number(f"method.{key}", 1, integer=True) for key in ("hidden_dim", "projection_dim")),
+    number("ssl.temperature", 0, low_open=True),
+    number("ssl.momentum", 0, 1),
+    *(number(f"ssl.{key}", 1, integer=True) for key in ("hidden_dim", "projection_dim")),
 ]
