@@ -27,9 +27,17 @@ With --site, each run is also taken to another site, a folder of labeled images 
 class folders; `--site bundled` writes the bundled PneumoniaMNIST test split there as PNGs: Kaggle's
 test images, collected apart from its train images). evaluate's site protocol splits the site by
 patient into a calibration part (each of --site-fractions, default 0.2) and a test part, and the
-run is reported on the test part four ways: as it is, adapted (site.adapt=bn on the calibration
-part's images), recalibrated (on the calibration part's labels), and both. The RESULT line gives,
-for the largest fraction, the mean and the worst seed of accuracy, AUROC and specificity of each.
+run is reported on the test part four ways: as it is, adapted (site.adapt=bn on every site
+image, labels unread), recalibrated (on the calibration part's labels), and both, beside the one
+`site.choose=true` chose on the calibration part. The RESULT line gives, for the largest fraction,
+the mean and the worst seed of accuracy, AUROC and specificity of each, and each seed's choice.
+
+    python benchmarks/accuracy.py --site /path/to/chest_xray_train224 [--site-fractions 0.2]
+
+is the other way round: +experiment=best on the bundled data, and as its site the development test
+that +experiment=best_folder seed=1 draws from the folder by patient. PneumoniaMNIST's train and val
+splits are these very X-rays (MedMNIST's crops of them), so this site measures a shift of
+preprocessing on images the model has seen, not a new population.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 
 from xray_cls.evaluate import evaluate
+from xray_cls.evaluation.site_choice import CANDIDATES
 from xray_cls.runtime.configs import CONFIG_DIR
 from xray_cls.train import train
 
@@ -54,39 +63,33 @@ PUBLISHED = [  # ACC / AUROC on the same 624-image test set (MedMNIST v2 and its
 ]
 
 
-SITE_VARIANTS = {  # name: evaluate's site.* overrides
-    "as_is": ["site.adapt=none", "site.recalibrate=false"],
-    "adapted": ["site.adapt=bn", "site.recalibrate=false"],
-    "recalibrated": ["site.adapt=none", "site.recalibrate=true"],
-    "both": ["site.adapt=bn", "site.recalibrate=true"],
-}
+SITE = ["site.adapt=bn", "site.adapt_on=all", "site.choose=true"]  # evaluate's site protocol: every candidate, and the choice
 
 
 def run(overrides: list[str], seed: int, heldout: Path | None = None, site: Path | None = None,
         fractions: list[float] | None = None) -> dict[str, Any]:
     """One training run's metrics; with `heldout`, its best checkpoint's metrics there too; with
-    `site`, its site protocol's metrics for each fraction and variant (`metrics["site"][f][v]`)."""
+    `site`, its site protocol's metrics for each fraction (`metrics["site"][f]`)."""
     with tempfile.TemporaryDirectory() as out:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=[f"paths.output_dir={Path(out)}", f"seed={seed}", *overrides])
         metrics = train(cfg)
         ckpt = Path(out) / metrics["best_checkpoint"]["path"]
         if heldout is not None:
-            metrics["heldout"] = evaluated(out, "heldout", ckpt, heldout, cfg.data.cache_dir, [])
+            metrics["heldout"] = evaluated(out, "heldout", ckpt, heldout, cfg.data.get("cache_dir"), [])
         for fraction in fractions if site is not None else []:
-            metrics.setdefault("site", {})[fraction] = {
-                name: evaluated(out, f"site_{fraction}_{name}", ckpt, site, cfg.data.cache_dir,
-                                [f"site.calibration_fraction={fraction}", "bootstrap.resamples=0", *variant])
-                for name, variant in SITE_VARIANTS.items()
-            }
+            metrics.setdefault("site", {})[fraction] = evaluated(out, f"site_{fraction}", ckpt, site, cfg.data.get("cache_dir"),
+                                                                 [f"site.calibration_fraction={fraction}", *SITE])["site"]
         return metrics
 
 
-def evaluated(out: str, name: str, ckpt: Path, root: Path, cache_dir: str, overrides: list[str]) -> dict[str, Any]:
+def evaluated(out: str, name: str, ckpt: Path, root: Path, cache_dir: str | None, overrides: list[str]) -> dict[str, Any]:
+    """`ckpt` evaluated on the folder `root` (sharing the run's image cache, where it has one)."""
+    cache = [f"data.cache_dir='{cache_dir}'"] if cache_dir else []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         eval_cfg = compose("evaluate", overrides=[
             f"paths.output_dir={Path(out) / name}", f"ckpt='{ckpt}'", "data=folder", f"data.root='{root}'",
-            f"data.cache_dir='{cache_dir}'", "gradcam_samples=0", *overrides,
+            *cache, "gradcam_samples=0", *overrides,
         ])
     return evaluate(eval_cfg)
 
@@ -138,7 +141,8 @@ def main() -> None:
                         help="calibration of the recipe (default none)")
     parser.add_argument("--folder", type=Path, help="a Kermany/Kaggle folder: run +experiment=best_folder on it instead")
     parser.add_argument("--heldout", type=Path, help="with --folder: a folder of test images to evaluate each run on once")
-    parser.add_argument("--site", help="with --folder: another site's labeled folder, or `bundled` (PneumoniaMNIST's test split)")
+    parser.add_argument("--site", help="with --folder: another site's labeled folder, or `bundled` (PneumoniaMNIST's test split); "
+                                       "without: a Kermany folder whose development test is the site of runs on the bundled data")
     parser.add_argument("--site-fractions", default="0.2", help="calibration fractions of the site (default 0.2)")
     parser.add_argument("--task", choices=sorted(RECIPES), default="pneumonia",
                         help="with --folder: the task, trained with its recipe (default pneumonia: +experiment=best_folder)")
@@ -164,6 +168,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() if args.site == "bundled" else nullcontext() as written:
             site = write_bundled_test(Path(written)) if args.site == "bundled" else (Path(args.site) if args.site else None)
             folder_main(args.folder, args.heldout, seeds, [*calibrated, *common], args.calibration, site, fractions, args.task)
+        return
+    if args.site is not None:  # the other way round: trained on the bundled data, a Kaggle folder's development test as the site
+        fractions = [float(f) for f in args.site_fractions.split(",")]
+        with tempfile.TemporaryDirectory() as written:
+            site = write_development_test(Path(args.site), Path(written))
+            results = [run(["+experiment=best", *calibrated, *common], s, site=site, fractions=fractions) for s in seeds]
+        summarize("+experiment=best", results)
+        print(site_summary(results, fractions))
         return
     best = summarize("+experiment=best", [run(["+experiment=best", *calibrated, *common], s) for s in seeds])
     baseline = summarize("the study's default CNN", [run(common, s) for s in seeds])
@@ -226,24 +238,50 @@ def multiclass_summary(name: str, results: list[dict[str, Any]]) -> None:
 
 
 def site_summary(results: list[dict[str, Any]], fractions: list[float]) -> str:
-    """Per fraction, a table of each seed's site test part four ways; then the RESULT line of the largest fraction."""
+    """Per fraction, each seed's site test part four ways and the one chosen on the calibration part;
+    then the RESULT line of the largest fraction."""
     lines = []
     for fraction in fractions:
-        parts = results[0]["site"][fraction]["as_is"]["site"]["parts"]
-        lines.append(f"\nsite, calibration fraction {fraction}: test part {parts['test']['images']} images, calibration part "
-                     f"{parts['calibration']['per_class']} (NORMAL/PNEUMONIA)")
-        lines.append(f"  {'seed':>4}  " + "  ".join(f"{v:>22}" for v in SITE_VARIANTS) + "   (ACC / AUROC / specificity)")
+        first = results[0]["site"][fraction]
+        lines.append(f"\nsite, calibration fraction {fraction}: test part {first['parts']['test']['images']} images, calibration part "
+                     f"{first['parts']['calibration']['per_class']}, adapted on {first['adapted_on']['images']} images "
+                     f"({first['adapted_on']['part']})")
+        lines.append(f"  {'seed':>4}  " + "  ".join(f"{v:>20}" for v in (*CANDIDATES, "chosen")) + "   (ACC / AUROC / specificity)")
         for r in results:
-            cells = [r["site"][fraction][v]["test"] for v in SITE_VARIANTS]
+            site = r["site"][fraction]
+            cells = [site["candidates"][v]["test"] for v in (*CANDIDATES, site["choice"]["chosen"])]
             lines.append(f"  {r['hparams']['seed']:>4}  " + "  ".join(
-                f"{t['accuracy']:.4f}/{t['auroc']:.4f}/{t['specificity']:.4f}" for t in cells))
+                f"{t['accuracy']:.3f}/{t['auroc']:.3f}/{t['specificity']:.3f}".rjust(20) for t in cells) + f"   {site['choice']['chosen']}")
     fraction = max(fractions)
     values = []
-    for variant in SITE_VARIANTS:
+    for variant in (*CANDIDATES, "chosen"):
         for key, short in (("accuracy", "acc"), ("auroc", "auroc"), ("specificity", "spec")):
-            scores = [r["site"][fraction][variant]["test"][key] for r in results]
+            scores = [site_scores(r["site"][fraction], variant)[key] for r in results]
             values += [f"{variant}_{short}={statistics.mean(scores):.4f}", f"{variant}_{short}_worst={min(scores):.4f}"]
-    return "\n".join(lines) + f"\nRESULT site_fraction={fraction} " + " ".join(values)
+    chosen = ",".join(r["site"][fraction]["choice"]["chosen"] for r in results)
+    return "\n".join(lines) + f"\nRESULT site_fraction={fraction} " + " ".join(values) + f" chosen={chosen}"
+
+
+def site_scores(site: dict[str, Any], variant: str) -> dict[str, float]:
+    return site["candidates"][site["choice"]["chosen"] if variant == "chosen" else variant]["test"]
+
+
+def write_development_test(root: Path, folder: Path, seed: int = 1) -> Path:
+    """Links to the development test a folder run draws from `root`'s train/ by patient (as
+    `+experiment=best_folder seed=1` draws it), in folder/{NORMAL,PNEUMONIA}/, file names kept
+    (they name the patients)."""
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["data=folder", f"data.root={root}", f"seed={seed}"])
+    datamodule = instantiate(cfg.data, seed=cfg.seed, task=cfg.task)
+    datamodule.setup("fit")
+    for name in datamodule.derived["test"]:
+        source = root / name
+        target = folder / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source.resolve())
+    return folder
 
 
 def write_bundled_test(folder: Path) -> Path:

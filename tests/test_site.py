@@ -225,22 +225,122 @@ def test_the_site_protocol_reports_the_test_part_before_and_after(resnet_run: Pa
     assert site_ckpt["threshold"] == metrics["threshold"] and site_ckpt["site"]["calibration_images"] == {"NORMAL": 16, "PNEUMONIA": 16}
 
 
-def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshold(resnet_run: Path, site_data: dict[str, Path]) -> None:
+@pytest.mark.parametrize("choose", [False, True])
+def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshold_nor_the_choice(
+        choose: bool, resnet_run: Path, site_data: dict[str, Path]) -> None:
     from xray_cls.evaluation.reading import evaluation_data
-    from xray_cls.evaluation.site_protocol import site_model, site_parts
+    from xray_cls.evaluation.site_protocol import site_candidates, site_parts
 
     cfg = compose_config(Path("unused"), ["data=folder", f"data.root={site_data['site']}", "site.calibration_fraction=0.2",
-                                          "site.adapt=bn", "site.adapt_on=all", "site.recalibrate=true"], name="evaluate")
+                                          "site.adapt=bn", "site.adapt_on=all", "site.recalibrate=true", f"site.choose={choose}"],
+                         name="evaluate")
     module = load_classifier(resnet_run / "checkpoints" / "best.ckpt")
     datamodule = evaluation_data(cfg, module.hparams.preprocessing, "crop", "test", {})
     split = datamodule.splits["test"]
     calibration, test, _ = site_parts(split, 0.2, 0)
-    adapted, choices, _, _ = site_model(cfg, module, datamodule, split, calibration)
+    candidates, adaptation, choice = site_candidates(cfg, "bn", module, datamodule, split, calibration)
     split.labels[test] = 1 - split.labels[test]  # every test-part label flipped
-    flipped, flipped_choices, _, _ = site_model(cfg, module, datamodule, split, calibration)
-    assert flipped_choices == choices
-    for (name, a), (_, b) in zip(adapted.state_dict().items(), flipped.state_dict().items()):
-        assert torch.equal(a, b), name
+    flipped, flipped_adaptation, flipped_choice = site_candidates(cfg, "bn", module, datamodule, split, calibration)
+    assert flipped_choice == choice and flipped_adaptation == adaptation
+    assert (choice is not None) == choose and list(flipped) == list(candidates) == (
+        ["as_is", "adapted", "recalibrated", "both"] if choose else ["both"])
+    for name, (model, choices, _) in candidates.items():
+        assert flipped[name][1] == choices
+        for (key, a), (_, b) in zip(model.state_dict().items(), flipped[name][0].state_dict().items()):
+            assert torch.equal(a, b), (name, key)
+
+
+def test_the_site_protocol_chooses_on_the_calibration_part_and_applies_the_choice(resnet_run: Path, site_data: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    metrics = evaluate_site(resnet_run, site_data["site"], tmp_path / "eval", "site.calibration_fraction=0.2", "site.choose=true",
+                            "bootstrap.resamples=200")
+    site = metrics["site"]
+    choice, candidates = site["choice"], site["candidates"]
+    assert list(candidates) == list(choice["candidates"]) == ["as_is", "adapted", "recalibrated", "both"]
+    assert site["adapt"] == "bn" and choice["rule"] == "youden" and choice["images"] == 32 and choice["resamples"] == 200
+    # The shift breaks the model as it is, and every adapted candidate beats it on the calibration part's labels.
+    assert choice["chosen"] in ("adapted", "both") and site["applied"] == choice["chosen"]
+    assert choice["candidates"][choice["chosen"]]["ci"][0] > 0
+    assert choice["candidates"]["as_is"] == {"score": choice["candidates"]["as_is"]["score"], "difference": 0.0, "ci": [0.0, 0.0]}
+    for name, scored in choice["candidates"].items():
+        lo, hi = scored["ci"]
+        assert lo <= scored["difference"] <= hi, name
+    assert metrics["test"] == candidates[choice["chosen"]]["test"] and metrics["threshold"] == candidates[choice["chosen"]]["threshold"]
+    assert site["before"]["test"] == candidates["as_is"]["test"]
+    for scored in candidates.values():
+        assert sum(map(sum, scored["confusion_matrix"]["matrix"])) == scored["n_test"] == 128
+    assert candidates["adapted"]["test"]["auroc"] == candidates["both"]["test"]["auroc"]  # a threshold reorders nothing
+    # Adapted on every site image, labels unread, and the record says so.
+    adapted_on = site["adapted_on"]
+    assert adapted_on["part"] == "all" and adapted_on["images"] == 160 and adapted_on["labels_read"] is False
+    assert (adapted_on["calibration_part"], adapted_on["test_part"]) == (32, 128)
+    assert adapted_on["digest"] == files_digest(sorted(site_data["site"].rglob("*.png")))
+    rows = (tmp_path / "eval" / "site_parts.csv").read_text().splitlines()
+    assert rows[0] == "path,part,label,adapted_on" and all(row.endswith(",yes") for row in rows[1:])
+    # Each layer's recorded shift is that between the checkpoint's statistics and the applied ones.
+    original, applied = load_classifier(resnet_run / "checkpoints" / "best.ckpt"), load_classifier(tmp_path / "eval" / "site.ckpt")
+    layers = dict(zip([name for name, m in original.net.named_modules() if m in batch_norm_layers(original.net)],
+                      zip(batch_norm_layers(original.net), batch_norm_layers(applied.net))))
+    assert [record["layer"] for record in adapted_on["batch_norm"]] == list(layers)
+    for record in adapted_on["batch_norm"]:
+        old, new = layers[record["layer"]]
+        assert record["mean_shift_sd"] == pytest.approx(float(((new.running_mean - old.running_mean).abs() / old.running_var.sqrt()).mean()), rel=1e-4)
+        assert record["variance_ratio"] == pytest.approx(float((new.running_var / old.running_var).log().mean().exp()), rel=1e-4)
+    assert adapted_on["batch_norm"][0]["mean_shift_sd"] > 0.5  # the brightness shift shows first where the pixels arrive
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["site"]["choice"]["chosen"] == choice["chosen"]
+
+
+def test_the_choice_keeps_the_model_as_it_is_unless_the_interval_says_better() -> None:
+    from xray_cls.evaluation.site_choice import choose, rule_scores
+
+    labels = torch.tensor([0] * 40 + [1] * 60)
+    as_is = labels.bool().clone()
+    as_is[:8] = True  # 8 of 40 NORMAL called sick: J = 0.8
+    slightly = as_is.clone()
+    slightly[0] = False  # one image better: inside the noise
+    much = labels.bool().clone()  # every image right: J = 1
+    assert rule_scores("youden", as_is[None], labels[None], 0.95).item() == pytest.approx(0.8)
+    assert rule_scores("fixed", as_is[None], labels[None], 0.95).item() == pytest.approx(0.92)
+    missing = labels.bool().clone()
+    missing[40:50] = False  # sensitivity 50/60 < 0.95: below any call that meets the target
+    assert rule_scores("sensitivity", missing[None], labels[None], 0.95) < rule_scores("sensitivity", as_is[None], labels[None], 0.95)
+    kept = choose({"as_is": as_is, "adapted": slightly, "recalibrated": as_is, "both": as_is}, labels, "youden", 0.95, 500, 0.95, 0)
+    assert kept["chosen"] == "as_is" and kept["candidates"]["adapted"]["ci"][0] <= 0 < kept["candidates"]["adapted"]["difference"]
+    moved = choose({"as_is": as_is, "adapted": slightly, "recalibrated": much, "both": slightly}, labels, "youden", 0.95, 500, 0.95, 0)
+    assert moved["chosen"] == "recalibrated" and moved["candidates"]["recalibrated"]["difference"] == pytest.approx(0.2)
+
+
+def test_adabn_statistics_are_those_batch_norm_itself_measures_on_the_whole_site(resnet_run: Path, site_data: dict[str, Path]) -> None:
+    """The known answer: each batch-norm layer in training mode, fed every site image as one batch
+    with a cumulative average, records the exact mean and unbiased variance of its input."""
+    import copy
+
+    from xray_cls.data import normalize
+
+    module = load_classifier(resnet_run / "checkpoints" / "best.ckpt")
+    prep = module.hparams.preprocessing
+    images = normalize(torch.from_numpy(shifted(np.load(site_data["npz"])["test_images"]))[:, None], prep["mean"], prep["std"])
+    oracle = copy.deepcopy(module.net).eval()
+    for layer in batch_norm_layers(oracle):
+        layer.reset_running_stats()
+        layer.momentum = None
+        layer.train()
+    with torch.no_grad():
+        oracle(images)
+    before = [layer.running_mean.clone() for layer in batch_norm_layers(module.net)]
+    adapt_batch_norm(module.net, images.split(48))  # batches of any size: the statistics are of all the images
+    for old, ours, known in zip(before, batch_norm_layers(module.net), batch_norm_layers(oracle)):
+        assert not torch.allclose(ours.running_mean, old, atol=1e-3)  # the shift moved every layer
+        assert torch.allclose(ours.running_mean, known.running_mean, atol=1e-4)
+        assert torch.allclose(ours.running_var, known.running_var, rtol=2e-3, atol=1e-5)
+
+
+def test_the_choice_needs_bootstrap_resamples(resnet_run: Path, site_data: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"^site.choose=true weighs each candidate by its bootstrap interval, and "
+                                             r"bootstrap.resamples=0 gives none; expected bootstrap.resamples >= 100$"):
+        evaluate_site(resnet_run, site_data["site"], tmp_path / "eval", "site.calibration_fraction=0.2", "site.choose=true")
+    assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
 def test_the_site_protocol_refuses_batch_norm_adaptation_of_a_network_without_it(mlp_run: Path, site_data: dict[str, Path],

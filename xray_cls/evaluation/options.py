@@ -16,6 +16,7 @@ SITE = [
     number("site.calibration_fraction", 0, 1, low_open=True, high_open=True, none=True),
     number("site.seed", integer=True),
     choice("site.adapt", ("none", *ADAPTATIONS)),
-    choice("site.adapt_on", ("calibration", "all")),
+    choice("site.adapt_on", ("all", "calibration")),
     Option("site.recalibrate", lambda option, value: check_bool(option, value)),
+    Option("site.choose", lambda option, value: check_bool(option, value)),
 ]
