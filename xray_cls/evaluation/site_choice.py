@@ -63,16 +63,19 @@ def out_of_fold_calls(choices: ValChoices, logits: Tensor, labels: Tensor, patie
 
     fold_of = torch.tensor(patient_folds(labels, list(patients), FOLDS, seed))
     calls = torch.zeros(len(labels), dtype=torch.bool)
-    quiet = logging.getLogger("xray_cls.metrics.val_choices")  # a line per fold's threshold says nothing the choice does not
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
+    # Each fold's threshold and small-class warning would be a line saying nothing the choice does not.
+    quiet = [logging.getLogger(name) for name in ("xray_cls.metrics.val_choices", "xray_cls.evaluation.site")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         for fold in fold_of.unique().tolist():
             held = fold_of == fold
             fitted = recalibrated_choices(choices, logits[~held], labels[~held], target_sensitivity)
             calls[held] = calls_at(fitted, logits[held])
     finally:
-        quiet.setLevel(level)
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     return calls
 
 
@@ -109,9 +112,9 @@ def choice_lines(choice: dict[str, Any], tested: Mapping[str, Mapping[str, Any]]
     """The console's account of a choice: each candidate's calibration score and the test part's scores."""
     names = list(tested)
     lines = [
-        f"Site choice on the calibration part ({choice['images']} images, {choice['objective']} of the {choice['rule']} rule, "
-        f"recalibrated candidates out of {choice['folds']} folds; chosen where the {choice['confidence']:.0%} interval "
-        f"of the difference from as_is lies above 0): {choice['chosen']}",
+        (f"Site choice on the calibration part ({choice['images']} images, {choice['objective']} of the {choice['rule']} rule, "
+         f"recalibrated candidates out of {choice['folds']} folds; chosen where the {choice['confidence']:.0%} interval "
+         f"of the difference from as_is lies above 0): {choice['chosen']}"),
         f"  {'':<24}" + "".join(f"{name + (' *' if name == choice['chosen'] else ''):>18}" for name in names),
         f"  {'calibration score':<24}" + "".join(f"{choice['candidates'][n]['score']:>18.4f}" for n in names),
         f"  {'  minus as_is, interval':<24}" + "".join(

@@ -38,7 +38,15 @@ from xray_cls.evaluation.site import (
     operating_point,
     recalibrated_choices,
 )
-from xray_cls.evaluation.site_choice import CANDIDATES, calls_at, candidate_name, check_resamples, choice_lines, choose, out_of_fold_calls
+from xray_cls.evaluation.site_choice import (
+    CANDIDATES,
+    calls_at,
+    candidate_name,
+    check_resamples,
+    choice_lines,
+    choose,
+    out_of_fold_calls,
+)
 from xray_cls.metrics.val_choices import ValChoices
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,7 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
     }
     write_csv(out_dir / "site_parts.csv", part_rows(split, calibration, names, adaptation["part"]), ["path", "part", "label", "adapted_on"])
     lines = choice_lines(choice, {n: m for n, (_, m) in scored.items()}, COMPARED) if choice else side_by_side(before, after, parts)
+    lines = adaptation_line(method, adaptation) + lines
     write_report(trainer, adapted, after_data, results, metrics, cfg, out_dir, [TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")],
                  f"Site test part, {chosen.replace('_', ' ')}" + (" (chosen on the calibration part)" if choice else ""),
                  gradcam=False, extra_lines="\n" + lines)
@@ -248,6 +257,13 @@ def part_rows(split: Any, calibration: torch.Tensor, class_names: Sequence[str],
         read = adapted_on == "all" or (adapted_on == "calibration" and part_name == "calibration")
         rows.append({"path": names[i], "part": part_name, "label": class_names[labels[i]], "adapted_on": "yes" if read else "no"})
     return rows
+
+
+def adaptation_line(method: str, adaptation: dict[str, Any]) -> str:
+    if method == "none":
+        return ""
+    return (f"Adapted ({method}) on {adaptation['images']} site images, labels unread (site.adapt_on={adaptation['part']}: "
+            f"{adaptation['calibration_part']} of the calibration part, {adaptation['test_part']} of the test part)\n")
 
 
 def side_by_side(before: dict[str, Any], after: dict[str, Any], parts: dict[str, Any]) -> str:
