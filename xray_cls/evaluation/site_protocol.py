@@ -81,7 +81,7 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
     results, after = scored[chosen]
     before = scored["as_is"][1] if "as_is" in scored else tested(trainer, module, part(datamodule, split, test, module), module.choices, cfg)[1]
     record = {
-        "source": str(ckpt), "adapt": method, "adapted_on": adaptation, "recalibrated": chosen in ("recalibrated", "both"),
+        "source": str(ckpt), "adapt": method, "adapted_on": adaptation, "recalibrated": is_recalibrated(chosen),
         "applied": chosen, "calibration_images": parts["calibration"]["per_class"],
         "calibration_digest": files_digest(split.paths[i] for i in calibration.tolist()) if split.paths else None,
     }
@@ -197,14 +197,6 @@ def site_patients(split: Any) -> list[str]:
     from xray_cls.data.patients import patient_groups
 
     return patient_groups(split.paths) if split.paths else [f"image:{i}" for i in range(len(split))]
-
-
-def site_model(cfg: DictConfig, module: Any, datamodule: Any, split: Any, calibration: torch.Tensor) -> tuple[Any, ValChoices]:
-    """The model site.adapt and site.recalibrate (or site.choose) make of `module`, and its choices."""
-    method = adaptation_method(cfg, module.net, "the checkpoint")
-    candidates, _, choice = site_candidates(cfg, method, module, datamodule, split, calibration)
-    model, choices, _ = candidates[choice["chosen"]] if choice else next(iter(candidates.values()))
-    return model, choices
 
 
 def adaptation_record(adapt_on: str, index: torch.Tensor, calibration: torch.Tensor, split: Any, seen: int) -> dict[str, Any]:
