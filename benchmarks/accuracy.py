@@ -30,7 +30,9 @@ patient into a calibration part (each of --site-fractions, default 0.2) and a te
 run is reported on the test part four ways: as it is, adapted (site.adapt=bn on every site
 image, labels unread), recalibrated (on the calibration part's labels), and both, beside the one
 `site.choose=true` chose on the calibration part. The RESULT line gives, for the largest fraction,
-the mean and the worst seed of accuracy, AUROC and specificity of each, and each seed's choice.
+the mean and the worst seed of accuracy, AUROC and specificity of each and of the chosen one, how many seeds chose each (chosen_as_is= ...), and bound_acc_spec90_worst=, the worst seed's best
+accuracy of any threshold with specificity >= 0.90 on the test part (its labels read: a limit to
+report, never a choice).
 
     python benchmarks/accuracy.py --site /path/to/chest_xray_train224 [--site-fractions 0.2]
 
@@ -171,6 +173,9 @@ def main() -> None:
             site = write_bundled_test(Path(written)) if args.site == "bundled" else (Path(args.site) if args.site else None)
             folder_main(args.folder, args.heldout, seeds, [*calibrated, *common], args.calibration, site, fractions, args.task)
         return
+    if args.site == "bundled":
+        parser.error("--site bundled takes the runs of --folder to the bundled test split; without --folder, --site is a "
+                     "Kermany folder whose development test is the site")
     if args.site is not None:  # the other way round: trained on the bundled data, a Kaggle folder's development test as the site
         fractions = [float(f) for f in args.site_fractions.split(",")]
         with tempfile.TemporaryDirectory() as written:
@@ -246,8 +251,8 @@ def site_summary(results: list[dict[str, Any]], fractions: list[float]) -> str:
     for fraction in fractions:
         first = results[0]["site"][fraction]
         lines.append(f"\nsite, calibration fraction {fraction}: test part {first['parts']['test']['images']} images, calibration part "
-                     f"{first['parts']['calibration']['per_class']}, adapted on {first['adapted_on']['images']} images "
-                     f"({first['adapted_on']['part']})")
+                     f"{first['parts']['calibration']['per_class']}, adapted candidates on {first['choice']['adaptation']['images']} "
+                     f"images ({first['choice']['adaptation']['part']})")
         lines.append(f"  {'seed':>4}  " + "  ".join(f"{v:>20}" for v in (*CANDIDATES, "chosen")) + "   (ACC / AUROC / specificity)"
                      "  chosen  as_is's best ACC of any threshold / with specificity >= 0.90 (the test part's labels read)")
         for r in results:
@@ -262,9 +267,10 @@ def site_summary(results: list[dict[str, Any]], fractions: list[float]) -> str:
         for key, short in (("accuracy", "acc"), ("auroc", "auroc"), ("specificity", "spec")):
             scores = [site_scores(r["site"][fraction], variant)[key] for r in results]
             values += [f"{variant}_{short}={statistics.mean(scores):.4f}", f"{variant}_{short}_worst={min(scores):.4f}"]
-    chosen = ",".join(r["site"][fraction]["choice"]["chosen"] for r in results)
+    chosen = [r["site"][fraction]["choice"]["chosen"] for r in results]
+    values += [f"chosen_{variant}={chosen.count(variant)}" for variant in CANDIDATES]  # how many seeds chose each
     bound = min(r["site"][fraction]["bounds"]["best_acc_spec90"] for r in results)
-    return "\n".join(lines) + f"\nRESULT site_fraction={fraction} " + " ".join(values) + f" chosen={chosen} bound_acc_spec90_worst={bound:.4f}"
+    return "\n".join(lines) + f"\nRESULT site_fraction={fraction} " + " ".join(values) + f" bound_acc_spec90_worst={bound:.4f}"
 
 
 def site_scores(site: dict[str, Any], variant: str) -> dict[str, float]:

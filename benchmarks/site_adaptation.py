@@ -117,11 +117,11 @@ def main() -> None:
         if args.site == "bundled":
             site_root = write_bundled_test(Path(written))
         elif args.source == "bundled":
-            site_root = write_development_test(Path(args.site), Path(written))
+            site_root = write_development_test(Path(args.site), Path(written))  # links: read before they go
         else:
             site_root = Path(args.site)
-        site = split_of(args.ckpt, prep, ["data=folder", f"data.root={site_root}"], "test", {})
-    source_data = ["data=pneumoniamnist"] if args.source == "bundled" else ["data=folder", f"data.root={args.source}"]
+        site = split_of(args.ckpt, prep, ["data=folder", f"data.root='{site_root}'"], "test", {})
+    source_data = ["data=pneumoniamnist"] if args.source == "bundled" else ["data=folder", f"data.root='{args.source}'"]
     recorded = {} if args.source == "bundled" else recorded_splits(args.ckpt)
     dev, train = (split_of(args.ckpt, prep, source_data, name, recorded) for name in ("test", "train"))
     calibration, test, _ = site_parts(site, args.fraction, 0, prep["class_names"])
@@ -140,7 +140,8 @@ def main() -> None:
         ("site test part: the run's own", measure.module, site_test),
         (f"site test part: AdaBN on the calibration part ({len(calibration)})", measure.adabn(site.gather(calibration)), site_test),
         (f"site test part: AdaBN on every site image ({len(site)})", measure.adabn(site.images), site_test),
-        (f"site test part: AdaBN on the site resampled to train's class mix ({len(mixed)}; labels read)",
+        (f"site test part: AdaBN on the site resampled to train's class mix ({len(mixed)}; labels read)" if keep < len(normal) else
+         f"site test part: AdaBN on every site image (its NORMAL share is below train's: nothing to resample; {len(site)})",
          measure.adabn(site.images[mixed]), site_test),
         ("site test part: AdaBN on every site image, train augmentation, 4 copies", measure.adabn(site.images, True, 4), site_test),
         ("site test part: relative AdaBN, every site image against the train images", measure.relative(site.images, train.images), site_test),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_kermany_named_folder
+from conftest import make_kermany_folder, write_kermany_named_folder
 
 pytestmark = pytest.mark.slow  # runs the benchmarks' quick modes
 
@@ -64,8 +64,24 @@ def test_scale_benchmark_table_mode(tmp_path: Path) -> None:
     assert all(float(v) > 0 for v in values.values())
 
 
-SITE_KEYS = ["site_fraction"] + [f"{variant}_{score}{worst}" for variant in ("as_is", "adapted", "recalibrated", "both")
+CANDIDATES = ("as_is", "adapted", "recalibrated", "both")
+SITE_KEYS = (["site_fraction"] + [f"{variant}_{score}{worst}" for variant in (*CANDIDATES, "chosen")
                                   for score in ("acc", "auroc", "spec") for worst in ("", "_worst")]
+             + [f"chosen_{variant}" for variant in CANDIDATES] + ["bound_acc_spec90_worst"])
+
+
+def check_site_result(site: dict[str, str], fraction: str) -> None:
+    """One seed: its mean is its worst, it chose one candidate, whose scores are the chosen ones; no
+    threshold beats the bound the test part's labels put on the model as it is."""
+    assert site["site_fraction"] == fraction
+    assert all(0 <= float(v) <= 1 for k, v in site.items() if k not in ("site_fraction",) and not k.startswith("chosen_"))
+    assert site["as_is_acc"] == site["as_is_acc_worst"]
+    counts = {variant: int(site[f"chosen_{variant}"]) for variant in CANDIDATES}
+    assert sum(counts.values()) == 1
+    chosen = next(variant for variant, count in counts.items() if count)
+    assert all(site[f"chosen_{score}"] == site[f"{chosen}_{score}"] for score in ("acc", "auroc", "spec"))
+    if float(site["as_is_spec"]) >= 0.9:
+        assert float(site["as_is_acc"]) <= float(site["bound_acc_spec90_worst"])
 
 
 def test_accuracy_benchmark_folder_mode(kermany_root: Path, tmp_path: Path) -> None:
@@ -76,8 +92,14 @@ def test_accuracy_benchmark_folder_mode(kermany_root: Path, tmp_path: Path) -> N
                                  "--heldout", str(kermany_root / "test"), "--site", str(kermany_root / "test"), "--site-fractions", "0.5")
     assert values["seeds"] == "1"
     assert 0 < float(values["folder_acc"]) <= 1 and 0 < float(values["heldout_auroc"]) <= 1
-    assert site["site_fraction"] == "0.5" and all(0 <= float(v) <= 1 for v in site.values())
-    assert site["as_is_acc"] == site["as_is_acc_worst"]  # one seed: its mean is its worst
+    check_site_result(site, "0.5")
+
+
+def test_accuracy_benchmark_the_other_way_round(tmp_path: Path) -> None:
+    """--site FOLDER without --folder: +experiment=best on the bundled data, the folder's development test as the site."""
+    train_only = make_kermany_folder(tmp_path / "train_only", [("train", "NORMAL", 60), ("train", "PNEUMONIA", 60)])
+    site = quick_results("accuracy.py", [SITE_KEYS], tmp_path, "--site", str(train_only), "--site-fractions", "0.5")[0]
+    check_site_result(site, "0.5")
 
 
 def test_accuracy_benchmark_bacterial_viral_mode(tmp_path: Path) -> None:

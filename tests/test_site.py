@@ -229,7 +229,7 @@ def test_the_site_protocol_reports_the_test_part_before_and_after(resnet_run: Pa
 def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshold_nor_the_choice(
         choose: bool, resnet_run: Path, site_data: dict[str, Path]) -> None:
     from xray_cls.evaluation.reading import evaluation_data
-    from xray_cls.evaluation.site_protocol import site_candidates, site_parts
+    from xray_cls.evaluation.site_protocol import site_candidates, site_choice, site_parts
 
     cfg = compose_config(Path("unused"), ["data=folder", f"data.root={site_data['site']}", "site.calibration_fraction=0.2",
                                           "site.adapt=bn", "site.adapt_on=all", "site.recalibrate=true", f"site.choose={choose}"],
@@ -238,9 +238,13 @@ def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshol
     datamodule = evaluation_data(cfg, module.hparams.preprocessing, "crop", "test", {})
     split = datamodule.splits["test"]
     calibration, test, _ = site_parts(split, 0.2, 0)
-    candidates, adaptation, choice = site_candidates(cfg, "bn", module, datamodule, split, calibration)
+    def candidates_and_choice() -> tuple:
+        candidates, adaptation = site_candidates(cfg, "bn", module, datamodule, split, calibration)
+        return candidates, adaptation, site_choice(cfg, module, candidates, split, calibration) if choose else None
+
+    candidates, adaptation, choice = candidates_and_choice()
     split.labels[test] = 1 - split.labels[test]  # every test-part label flipped
-    flipped, flipped_adaptation, flipped_choice = site_candidates(cfg, "bn", module, datamodule, split, calibration)
+    flipped, flipped_adaptation, flipped_choice = candidates_and_choice()
     assert flipped_choice == choice and flipped_adaptation == adaptation
     assert (choice is not None) == choose and list(flipped) == list(candidates) == (
         ["as_is", "adapted", "recalibrated", "both"] if choose else ["both"])
@@ -262,9 +266,8 @@ def test_the_site_protocol_chooses_on_the_calibration_part_and_applies_the_choic
     assert choice["chosen"] in ("adapted", "both") and site["applied"] == choice["chosen"]
     assert choice["candidates"][choice["chosen"]]["ci"][0] > 0
     assert choice["candidates"]["as_is"] == {"score": choice["candidates"]["as_is"]["score"], "difference": 0.0, "ci": [0.0, 0.0]}
-    for name, scored in choice["candidates"].items():
-        lo, hi = scored["ci"]
-        assert lo <= scored["difference"] <= hi, name
+    assert all(scored["ci"][0] <= scored["ci"][1] for scored in choice["candidates"].values())
+    assert choice["adaptation"]["method"] == "bn" and choice["adaptation"]["images"] == 160
     assert metrics["test"] == candidates[choice["chosen"]]["test"] and metrics["threshold"] == candidates[choice["chosen"]]["threshold"]
     assert site["before"]["test"] == candidates["as_is"]["test"]
     for scored in candidates.values():
@@ -292,23 +295,63 @@ def test_the_site_protocol_chooses_on_the_calibration_part_and_applies_the_choic
 
 
 def test_the_choice_keeps_the_model_as_it_is_unless_the_interval_says_better() -> None:
-    from xray_cls.evaluation.site_choice import choose, rule_scores
+    from xray_cls.evaluation.site_choice import choose, confusion_counts, rule_scores
 
     labels = torch.tensor([0] * 40 + [1] * 60)
+    patients = [f"p{i}" for i in range(100)]
     as_is = labels.bool().clone()
     as_is[:8] = True  # 8 of 40 NORMAL called sick: J = 0.8
     slightly = as_is.clone()
     slightly[0] = False  # one image better: inside the noise
     much = labels.bool().clone()  # every image right: J = 1
-    assert rule_scores("youden", as_is[None], labels[None], 0.95).item() == pytest.approx(0.8)
-    assert rule_scores("fixed", as_is[None], labels[None], 0.95).item() == pytest.approx(0.92)
+
+    def score(rule: str, calls: torch.Tensor) -> float:
+        return float(rule_scores(rule, confusion_counts(calls, labels).sum(0), 0.95))
+
+    assert score("youden", as_is) == pytest.approx(0.8) and score("fixed", as_is) == pytest.approx(0.92)
     missing = labels.bool().clone()
     missing[40:50] = False  # sensitivity 50/60 < 0.95: below any call that meets the target
-    assert rule_scores("sensitivity", missing[None], labels[None], 0.95) < rule_scores("sensitivity", as_is[None], labels[None], 0.95)
-    kept = choose({"as_is": as_is, "adapted": slightly, "recalibrated": as_is, "both": as_is}, labels, "youden", 0.95, 500, 0.95, 0)
+    assert score("sensitivity", missing) < -1 < 0 < score("sensitivity", as_is) == pytest.approx(0.8)
+    kept = choose({"as_is": as_is, "adapted": slightly, "recalibrated": as_is, "both": as_is}, labels, patients, "youden", 0.95,
+                  500, 0.95, 0)
     assert kept["chosen"] == "as_is" and kept["candidates"]["adapted"]["ci"][0] <= 0 < kept["candidates"]["adapted"]["difference"]
-    moved = choose({"as_is": as_is, "adapted": slightly, "recalibrated": much, "both": slightly}, labels, "youden", 0.95, 500, 0.95, 0)
+    moved = choose({"as_is": as_is, "adapted": slightly, "recalibrated": much, "both": slightly}, labels, patients, "youden", 0.95,
+                   500, 0.95, 0)
     assert moved["chosen"] == "recalibrated" and moved["candidates"]["recalibrated"]["difference"] == pytest.approx(0.2)
+    # Patients are resampled whole: two images of one patient move together, so pairs widen the interval.
+    paired = choose({"as_is": as_is.repeat(2), "adapted": slightly.repeat(2), "recalibrated": much.repeat(2), "both": as_is.repeat(2)},
+                    labels.repeat(2), patients * 2, "youden", 0.95, 500, 0.95, 0)
+    assert paired["patients"] == 100 and paired["images"] == 200
+    assert paired["candidates"]["recalibrated"]["ci"] == pytest.approx(moved["candidates"]["recalibrated"]["ci"])
+
+
+def test_out_of_fold_recalibration_refuses_a_class_of_one_patient() -> None:
+    from xray_cls.evaluation.site_choice import out_of_fold_calls
+    from xray_cls.metrics.val_choices import ValChoices
+
+    labels = torch.tensor([0, 1, 1, 1, 1, 1])
+    patients = ["p0", "p1", "p2", "p3", "p4", "p5"]
+    with pytest.raises(UserInputError, match=r"^site.choose=true scores recalibration out of 5 patient folds, and the calibration "
+                                             r"part holds 1 patient\(s\) of NORMAL; expected at least 2 of each class"):
+        out_of_fold_calls(ValChoices(rule="youden"), torch.randn(6), labels, patients, 0.95, 0)
+    # Each image is called at the threshold recalibrated on the folds it is not in, as a loop by hand finds it.
+    from xray_cls.data.patients import patient_folds
+    from xray_cls.evaluation.site import recalibrated_choices
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 30 + [1] * 50)
+    logits = torch.randn(80, generator=generator) + 1.5 * labels  # overlapping classes: thresholds differ from fold to fold
+    patients = [f"patient{i}" for i in range(80)]
+    calls = out_of_fold_calls(ValChoices(rule="youden"), logits, labels, patients, 0.95, 0)
+    folds = torch.tensor(patient_folds(labels, patients, 5, 0))
+    thresholds = set()
+    for fold in range(5):
+        held = folds == fold
+        fitted = recalibrated_choices(ValChoices(rule="youden"), logits[~held], labels[~held], 0.95)
+        thresholds.add(fitted.threshold)
+        assert torch.equal(calls[held], torch.sigmoid(logits[held].double()) > fitted.threshold)
+    in_sample = recalibrated_choices(ValChoices(rule="youden"), logits, labels, 0.95)
+    assert len(thresholds) > 1 and not torch.equal(calls, torch.sigmoid(logits.double()) > in_sample.threshold)
 
 
 def test_adabn_statistics_are_those_batch_norm_itself_measures_on_the_whole_site(resnet_run: Path, site_data: dict[str, Path]) -> None:
@@ -338,7 +381,7 @@ def test_adabn_statistics_are_those_batch_norm_itself_measures_on_the_whole_site
 
 def test_the_choice_needs_bootstrap_resamples(resnet_run: Path, site_data: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=r"^site.choose=true weighs each candidate by its bootstrap interval, and "
-                                             r"bootstrap.resamples=0 gives none; expected bootstrap.resamples >= 100$"):
+                                             r"bootstrap.resamples=0 is too few for one; expected bootstrap.resamples >= 100$"):
         evaluate_site(resnet_run, site_data["site"], tmp_path / "eval", "site.calibration_fraction=0.2", "site.choose=true")
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
@@ -357,3 +400,40 @@ def test_adapt_without_a_site_folder_names_the_missing_option(mlp_run: Path, tmp
     with pytest.raises(UserInputError, match=r"^data.root is not set; expected data.root=/path/to/site_images$"):
         adapt(compose_config(tmp_path / "out", [f"ckpt={mlp_run / 'checkpoints' / 'best.ckpt'}"], name="adapt"))
     assert not (tmp_path / "out").exists()
+
+
+def test_adaptation_on_the_calibration_part_reads_its_images_alone(resnet_run: Path, site_data: dict[str, Path], tmp_path: Path) -> None:
+    metrics = evaluate_site(resnet_run, site_data["site"], tmp_path / "eval", "site.calibration_fraction=0.2", "site.adapt=bn",
+                            "site.adapt_on=calibration")
+    adapted_on = metrics["site"]["adapted_on"]
+    assert (adapted_on["part"], adapted_on["images"], adapted_on["calibration_part"], adapted_on["test_part"]) == ("calibration", 32, 32, 0)
+    assert metrics["site"]["applied"] == "adapted" and metrics["site"]["adapt"] == "bn"
+    rows = [row.split(",") for row in (tmp_path / "eval" / "site_parts.csv").read_text().splitlines()[1:]]
+    assert {(part, read) for _, part, _, read in rows} == {("calibration", "yes"), ("test", "no")}
+    calibration = sorted(path for path, part, _, _ in rows if part == "calibration")
+    assert adapted_on["digest"] == files_digest(Path(p) for p in calibration)
+
+
+def test_the_choice_for_a_network_without_batch_norm_adapts_its_normalization(mlp_run: Path, site_data: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    metrics = evaluate_site(mlp_run, site_data["site"], tmp_path / "eval", "site.calibration_fraction=0.2", "site.choose=true",
+                            "bootstrap.resamples=200")
+    adaptation = metrics["site"]["choice"]["adaptation"]
+    assert adaptation["method"] == "normalization" and "batch_norm" not in adaptation and adaptation["images"] == 160
+    assert list(metrics["site"]["candidates"]) == ["as_is", "adapted", "recalibrated", "both"]
+    chosen = metrics["site"]["applied"]
+    assert metrics["site"]["adapt"] == ("normalization" if chosen in ("adapted", "both") else "none")
+    applied = read_checkpoint(tmp_path / "eval" / "site.ckpt")["hyper_parameters"]
+    assert applied["site"]["applied"] == chosen and applied["site"]["adapt"] == metrics["site"]["adapt"]
+
+
+@pytest.mark.parametrize("option", ["site.choose=true", "site.adapt=bn", "site.recalibrate=true"])
+def test_site_options_without_a_calibration_part_are_refused(option: str, mlp_run: Path, site_data: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    from xray_cls.evaluate import evaluate
+
+    with pytest.raises(UserInputError, match=rf"^{option} acts on a site's calibration part, and site.calibration_fraction is null; "
+                                             r"expected site.calibration_fraction=<the share"):
+        evaluate(compose_config(tmp_path / "eval", [f"ckpt={mlp_run / 'checkpoints' / 'best.ckpt'}", "data=folder",
+                                                    f"data.root={site_data['site']}", option], name="evaluate"))
+    assert not (tmp_path / "eval" / "metrics.json").exists()

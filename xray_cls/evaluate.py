@@ -47,6 +47,7 @@ def evaluate_in(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from xray_cls.evaluation.ensemble import TTA_VIEWS, checkpoint_paths, describe, load_averaged
     from xray_cls.reports.test_report import test_and_report
 
+    check_site_options(cfg)
     paths = checkpoint_paths(cfg.ckpt)
     tta = bool(cfg.tta)
     averaged = len(paths) > 1 or tta
@@ -83,6 +84,15 @@ def evaluate_in(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
     log.info("evaluation folder: %s", out_dir)
     return metrics
+
+
+def check_site_options(cfg: DictConfig) -> None:
+    """site.adapt, site.recalibrate and site.choose act on a calibration part: without one they would do nothing, silently."""
+    asked = [f"site.{k}={str(v).lower()}" for k, v in (("adapt", cfg.site.adapt), ("recalibrate", cfg.site.recalibrate),
+                                                       ("choose", cfg.site.choose)) if v not in ("none", False)]
+    if asked and cfg.site.calibration_fraction is None:
+        raise UserInputError(f"{' '.join(asked)} acts on a site's calibration part, and site.calibration_fraction is null; "
+                             "expected site.calibration_fraction=<the share of the site's patients to calibrate on>, e.g. 0.2")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")

@@ -106,6 +106,21 @@ def input_statistics(net: nn.Module, layer: nn.Module, batches: Sequence[Tensor]
     return mean.to(layer.running_mean.dtype), var.to(layer.running_var.dtype)
 
 
+def statistics_shift(before: nn.Module, after: nn.Module) -> list[dict[str, Any]]:
+    """Per batch-norm layer, how far the adaptation moved its statistics: the channels' mean
+    |new mean - old mean| in old standard deviations, and the geometric mean of new variance / old."""
+    old = dict(before.named_modules())
+    shifts = []
+    for name, layer in after.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            source = old[name]
+            sd = source.running_var.double().sqrt().clamp(min=1e-12)
+            shifts.append({"layer": name, "channels": layer.num_features,
+                           "mean_shift_sd": float(((layer.running_mean.double() - source.running_mean.double()).abs() / sd).mean()),
+                           "variance_ratio": float((layer.running_var.double() / source.running_var.double().clamp(min=1e-12)).log().mean().exp())})
+    return shifts
+
+
 def files_digest(paths: Iterable[Path]) -> str:
     """sha256 of the sorted file names: which images a checkpoint was adapted or recalibrated on."""
     return hashlib.sha256("\n".join(sorted(path_text(p) for p in paths)).encode()).hexdigest()
@@ -163,18 +178,19 @@ def recalibrated_choices(choices: ValChoices, logits: Tensor, labels: Tensor, ta
 
 def operating_point(choices: ValChoices, logits: Tensor, labels: Tensor, resamples: int, confidence: float, seed: int,
                     names: Sequence[str]) -> dict[str, Any]:
-    """The new operating point on the images it was chosen on: per-class counts, sensitivity and
-    specificity at the threshold, with bootstrap intervals."""
+    """The operating point of `choices` on the calibration images (those a recalibration chose it
+    on): per-class counts, sensitivity and specificity at the threshold, with bootstrap intervals."""
     from xray_cls.metrics.bootstrap import bootstrap_intervals
 
     probs = torch.sigmoid(logits.double() / choices.temperature)
+    called, positive = probs > choices.threshold, labels.bool()
     point = {
         "images": dict(zip(names, torch.bincount(labels, minlength=2).tolist())),
         "threshold": choices.threshold,
         "temperature": choices.temperature,
         "rule": choices.rule,
-        "sensitivity": choices.val_sensitivity,
-        "specificity": choices.val_specificity,
+        "sensitivity": float((called & positive).sum() / positive.sum().clamp(min=1)),
+        "specificity": float((~called & ~positive).sum() / (~positive).sum().clamp(min=1)),
     }
     if resamples:
         intervals = bootstrap_intervals(probs, labels, choices.threshold, resamples, confidence, seed)

@@ -42,9 +42,12 @@ from xray_cls.evaluation.site_choice import (
     CANDIDATES,
     calls_at,
     candidate_name,
+    check_patients_per_class,
     check_resamples,
     choice_lines,
     choose,
+    is_adapted,
+    is_recalibrated,
     out_of_fold_calls,
 )
 from xray_cls.metrics.val_choices import ValChoices
@@ -55,6 +58,7 @@ Candidate = tuple[Any, ValChoices, tuple[torch.Tensor, torch.Tensor]]  # a model
 
 
 COMPARED = ["accuracy", "precision", "recall", "specificity", "f1", "auroc"]
+TESTED = ("n_test", "confusion_matrix", "test")  # what metrics.json keeps of each model tested on the test part
 
 
 def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, datamodule: Any, ckpt: str) -> dict[str, Any]:
@@ -66,46 +70,51 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
     from xray_cls.reports.test_report import tested, write_report
 
     check_two_classes(module, "site.calibration_fraction (the site protocol)", ckpt)
-    if cfg.site.choose:
-        check_resamples(cfg.bootstrap.resamples)
     split = datamodule.splits["test"]
     names = module.hparams.preprocessing["class_names"]
     calibration, test, parts = site_parts(split, cfg.site.calibration_fraction, cfg.site.seed, names)
+    if cfg.site.choose:
+        check_resamples(cfg.bootstrap.resamples)
+        check_patients_per_class(split.labels.cpu()[calibration], calibration_patients(split, calibration), names)
     method = adaptation_method(cfg, module.net, ckpt)
-    candidates, adaptation, choice = site_candidates(cfg, method, module, datamodule, split, calibration)
-    chosen = choice["chosen"] if choice else candidate_name(method != "none", bool(cfg.site.recalibrate))
-    scored = {name: tested(trainer, model, part(datamodule, split, test, model), choices, cfg)
-              for name, (model, choices, _) in candidates.items()}
-    adapted, choices, calibration_logits = candidates[chosen]
-    after_data = part(datamodule, split, test, adapted)
+    candidates, adaptation = site_candidates(cfg, method, module, datamodule, split, calibration)
+    choice = site_choice(cfg, module, candidates, split, calibration) if cfg.site.choose else None
+    chosen = choice["chosen"] if choice else next(iter(candidates))
+    served = {name: part(datamodule, split, test, model) for name, (model, _, _) in candidates.items()}
+    scored = {name: tested(trainer, model, served[name], choices, cfg) for name, (model, choices, _) in candidates.items()}
+    applied, choices, calibration_logits = candidates[chosen]
     results, after = scored[chosen]
     before = scored["as_is"][1] if "as_is" in scored else tested(trainer, module, part(datamodule, split, test, module), module.choices, cfg)[1]
-    record = {
-        "source": str(ckpt), "adapt": method, "adapted_on": adaptation, "recalibrated": is_recalibrated(chosen),
-        "applied": chosen, "calibration_images": parts["calibration"]["per_class"],
-        "calibration_digest": files_digest(split.paths[i] for i in calibration.tolist()) if split.paths else None,
-    }
-    site = {**record, "parts": parts, "before": {k: before[k] for k in ("threshold", "threshold_rule", "n_test", "confusion_matrix", "test")},
+    record = applied_record(str(ckpt), chosen, method, adaptation, parts, split, calibration)
+    site = {**record, "parts": parts, "before": {k: before[k] for k in ("threshold", "threshold_rule", *TESTED)},
             "operating_point": operating_point(choices, *calibration_logits, cfg.bootstrap.resamples, cfg.bootstrap.confidence,
                                                cfg.seed, names)}
     if choice:
-        site["choice"] = choice
-        site["candidates"] = {name: {k: m[k] for k in ("threshold", "n_test", "confusion_matrix", "test")} for name, (_, m) in scored.items()}
-    metrics = {
-        **after,
-        "evaluation": {"checkpoint": str(ckpt), "split": cfg.split, "data": {k: v for k, v in cfg.data.items() if k in ("_target_", "path", "root")},
-                       "preprocessing": dict(adapted.hparams.preprocessing), "site_checkpoint": "site.ckpt"},
-        "site": site,
-    }
+        site["choice"] = {**choice, "adaptation": {"method": method, **adaptation}}
+        site["candidates"] = {name: {k: m[k] for k in ("threshold", *TESTED)} for name, (_, m) in scored.items()}
+    data = {k: v for k, v in cfg.data.items() if k in ("_target_", "path", "root")}
+    metrics = {**after, "site": site, "evaluation": {"checkpoint": str(ckpt), "split": cfg.split, "data": data, "site_checkpoint": "site.ckpt",
+                                                      "preprocessing": dict(applied.hparams.preprocessing)}}
     write_csv(out_dir / "site_parts.csv", part_rows(split, calibration, names, adaptation["part"]), ["path", "part", "label", "adapted_on"])
     lines = choice_lines(choice, {n: m for n, (_, m) in scored.items()}, COMPARED) if choice else side_by_side(before, after, parts)
-    lines = adaptation_line(method, adaptation) + lines
-    write_report(trainer, adapted, after_data, results, metrics, cfg, out_dir, [TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")],
-                 f"Site test part, {chosen.replace('_', ' ')}" + (" (chosen on the calibration part)" if choice else ""),
-                 gradcam=False, extra_lines="\n" + lines)
-    write_checkpoint(out_dir / "site.ckpt", checkpoint_with(read_checkpoint(ckpt), adapted, "site", record))
+    title = f"Site test part, {chosen.replace('_', ' ')}" + (" (chosen on the calibration part)" if choice else "")
+    write_report(trainer, applied, served[chosen], results, metrics, cfg, out_dir, [TensorBoardLogger(save_dir=out_dir, name="", version="tensorboard")],
+                 title, gradcam=False, extra_lines="\n" + adaptation_line(method, adaptation, bool(choice)) + lines)
+    write_checkpoint(out_dir / "site.ckpt", checkpoint_with(read_checkpoint(ckpt), applied, "site", record))
     log.info("evaluation folder: %s", out_dir)
     return metrics
+
+
+def applied_record(ckpt: str, chosen: str, method: str, adaptation: dict[str, Any], parts: dict[str, Any], split: Any,
+                   calibration: torch.Tensor) -> dict[str, Any]:
+    """The provenance of the model applied, for metrics.json and site.ckpt: its source, which
+    candidate it is, its adaptation (none when it was not adapted) and the calibration images."""
+    return {
+        "source": ckpt, "applied": chosen, "adapt": method if is_adapted(chosen) else "none",
+        "adapted_on": adaptation if is_adapted(chosen) else {"part": "none", "images": 0},
+        "recalibrated": is_recalibrated(chosen), "calibration_images": parts["calibration"]["per_class"],
+        "calibration_digest": files_digest(split.paths[i] for i in calibration.tolist()) if split.paths else None,
+    }
 
 
 def adaptation_method(cfg: DictConfig, net: Any, ckpt: str) -> str:
@@ -140,20 +149,24 @@ def site_parts(split: Any, fraction: float, seed: int, names: Sequence[str] = PN
 
 
 def site_candidates(cfg: DictConfig, method: str, module: Any, datamodule: Any, split: Any, calibration: torch.Tensor
-                    ) -> tuple[dict[str, Candidate], dict[str, Any], dict[str, Any] | None]:
-    """(the candidates to test: each name's model, choices, and the calibration part's logits and
-    labels it was or would be recalibrated on; which images the adaptation read; the choice among
-    all four with site.choose, else None and the one candidate site.adapt and site.recalibrate
-    ask for). The labels read are the calibration part's: adaptation reads images alone."""
-    adapt = method != "none"
+                    ) -> tuple[dict[str, Candidate], dict[str, Any]]:
+    """(the candidates to test: each name's model, its choices, and the calibration part's logits
+    and labels of the model it starts from; which images the adaptation read). All four with
+    site.choose, else the one site.adapt and site.recalibrate ask for. The labels read are the
+    calibration part's: adaptation reads images alone."""
+    from xray_cls.evaluation.site import statistics_shift
+
     adapted, adaptation = module, {"part": "none", "images": 0}
-    if adapt:
+    if method != "none":
         index = calibration if cfg.site.adapt_on == "calibration" else torch.arange(len(split))
-        adapted, seen = adapted_module(module, method, in_batches(split.gather(index).cpu()))
+        images = split.gather(index) if cfg.site.adapt_on == "calibration" else split.images
+        adapted, seen = adapted_module(module, method, in_batches(images.cpu()))
         adaptation = adaptation_record(cfg.site.adapt_on, index, calibration, split, seen)
         if method == "bn":
             adaptation["batch_norm"] = statistics_shift(module.net, adapted.net)
-    wanted = CANDIDATES if cfg.site.choose else (candidate_name(adapt, bool(cfg.site.recalibrate)),)
+    if cfg.site.choose and cfg.site.recalibrate:
+        log.info("site.choose: site.recalibrate=true is one of the candidates it weighs, not an order")
+    wanted = CANDIDATES if cfg.site.choose else (candidate_name(method != "none", bool(cfg.site.recalibrate)),)
     bases = {False: module, True: adapted}
     # The calibration part's logits before any temperature (choices leave them), of each model a candidate starts from.
     logits = {a: part_logits(bases[a], datamodule, split, calibration) for a in sorted({is_adapted(n) for n in wanted})}
@@ -166,30 +179,30 @@ def site_candidates(cfg: DictConfig, method: str, module: Any, datamodule: Any, 
         model = copy.deepcopy(bases[is_adapted(name)])
         model.apply_choices(choices)
         candidates[name] = (model, choices, logits[is_adapted(name)])
-    choice = None
-    if cfg.site.choose:
-        labels = logits[False][1]
-        everyone = site_patients(split)
-        patients = [everyone[i] for i in calibration.tolist()]
-
-        def calls(name: str) -> torch.Tensor:
-            scores = logits[is_adapted(name)][0]
-            if is_recalibrated(name):
-                return out_of_fold_calls(module.choices, scores, labels, patients, cfg.target_sensitivity, cfg.site.seed)
-            return calls_at(module.choices, scores)
-
-        choice = choose({name: calls(name) for name in CANDIDATES}, labels, module.choices.rule,
-                        module.choices.target_sensitivity or cfg.target_sensitivity, cfg.bootstrap.resamples,
-                        cfg.bootstrap.confidence, cfg.seed)
-    return candidates, adaptation, choice
+    return candidates, adaptation
 
 
-def is_adapted(name: str) -> bool:
-    return name in ("adapted", "both")
+def site_choice(cfg: DictConfig, module: Any, candidates: dict[str, Candidate], split: Any, calibration: torch.Tensor) -> dict[str, Any]:
+    """The choice among the four candidates (xray_cls.evaluation.site_choice), on the calibration
+    part's calls and labels alone: the recalibrated ones out of fold, the others at the run's threshold."""
+    patients = calibration_patients(split, calibration)
+    names = module.hparams.preprocessing["class_names"]
+    target = module.choices.target_sensitivity or cfg.target_sensitivity
+
+    def calls(name: str) -> torch.Tensor:
+        logits, labels = candidates[name][2]
+        if is_recalibrated(name):
+            return out_of_fold_calls(module.choices, logits, labels, patients, cfg.target_sensitivity, cfg.site.seed, names)
+        return calls_at(module.choices, logits)
+
+    labels = candidates["as_is"][2][1]
+    return choose({name: calls(name) for name in CANDIDATES}, labels, patients, module.choices.rule, target,
+                  cfg.bootstrap.resamples, cfg.bootstrap.confidence, cfg.seed)
 
 
-def is_recalibrated(name: str) -> bool:
-    return name in ("recalibrated", "both")
+def calibration_patients(split: Any, calibration: torch.Tensor) -> list[str]:
+    everyone = site_patients(split)
+    return [everyone[i] for i in calibration.tolist()]
 
 
 def site_patients(split: Any) -> list[str]:
@@ -207,21 +220,6 @@ def adaptation_record(adapt_on: str, index: torch.Tensor, calibration: torch.Ten
     log.info("site adaptation read %d images (site.adapt_on=%s: %d of the calibration part, %d of the test part), no labels",
              seen, adapt_on, record["calibration_part"], record["test_part"])
     return record
-
-
-def statistics_shift(before: torch.nn.Module, after: torch.nn.Module) -> list[dict[str, Any]]:
-    """Per batch-norm layer, how far the adaptation moved its statistics: the channels' mean
-    |new mean - old mean| in old standard deviations, and the geometric mean of new variance / old."""
-    old = dict(before.named_modules())
-    shifts = []
-    for name, layer in after.named_modules():
-        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
-            source = old[name]
-            sd = source.running_var.double().sqrt().clamp(min=1e-12)
-            shifts.append({"layer": name, "channels": layer.num_features,
-                           "mean_shift_sd": float(((layer.running_mean.double() - source.running_mean.double()).abs() / sd).mean()),
-                           "variance_ratio": float((layer.running_var.double() / source.running_var.double().clamp(min=1e-12)).log().mean().exp())})
-    return shifts
 
 
 def part_logits(module: Any, datamodule: Any, split: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,19 +249,20 @@ def part_rows(split: Any, calibration: torch.Tensor, class_names: Sequence[str],
     return rows
 
 
-def adaptation_line(method: str, adaptation: dict[str, Any]) -> str:
+def adaptation_line(method: str, adaptation: dict[str, Any], candidates: bool) -> str:
     if method == "none":
         return ""
-    return (f"Adapted ({method}) on {adaptation['images']} site images, labels unread (site.adapt_on={adaptation['part']}: "
+    who = "The adapted candidates were adapted" if candidates else "Adapted"
+    return (f"{who} ({method}) on {adaptation['images']} site images, labels unread (site.adapt_on={adaptation['part']}: "
             f"{adaptation['calibration_part']} of the calibration part, {adaptation['test_part']} of the test part)\n")
 
 
 def side_by_side(before: dict[str, Any], after: dict[str, Any], parts: dict[str, Any]) -> str:
     """The test part's scores before and after, one line each, and the parts' sizes."""
     lines = [
-        f"Site test part before / after ({parts['test']['images']} images of {parts['test']['patients']} patients; "
-        f"calibration part {parts['calibration']['images']} images of {parts['calibration']['patients']} patients, "
-        f"{'/'.join(parts['calibration']['per_class'])} {'/'.join(map(str, parts['calibration']['per_class'].values()))}):",
+        (f"Site test part before / after ({parts['test']['images']} images of {parts['test']['patients']} patients; "
+         f"calibration part {parts['calibration']['images']} images of {parts['calibration']['patients']} patients, "
+         f"{'/'.join(parts['calibration']['per_class'])} {'/'.join(map(str, parts['calibration']['per_class'].values()))}):"),
         f"  {'threshold':<22}{before['threshold']:.4f} / {after['threshold']:.4f}",
         *(f"  {name:<22}{before['test'][name]:.4f} / {after['test'][name]:.4f}" for name in COMPARED),
     ]
