@@ -33,7 +33,7 @@ import yaml
 
 from xray_cls.data.augment import BatchAugment, augment_preset
 from xray_cls.evaluation.reading import recorded_splits
-from xray_cls.evaluation.site import adapt_batch_norm, batch_norm_layers, forward_order, input_statistics
+from xray_cls.evaluation.site import adapt_batch_norm, batch_norm_layers, forward_order, input_statistics, statistics_shift
 from xray_cls.evaluation.site_protocol import site_parts
 from xray_cls.models.checkpoints import load_classifier
 
@@ -80,16 +80,16 @@ class Measure:
                 layer.running_var.mul_(var / ref_var.clamp(min=1e-12))
         return adapted
 
+    def logits(self, model: Any, images: torch.Tensor) -> torch.Tensor:
+        return model.predict_logits(torch.cat(self.batches(images))).flatten()
+
     def row(self, name: str, model: Any, split: Any) -> str:
         from torchmetrics.functional.classification import binary_auroc
 
-        with torch.no_grad():
-            logits = torch.cat([model.net.eval()(b) for b in self.batches(split.images)]).flatten()
+        logits = self.logits(model, split.images)
         probs, labels = torch.sigmoid(logits / model.choices.temperature), split.labels
         called, positive = probs > model.choices.threshold, labels.bool()
-        shifts = [(float(((b.running_mean - a.running_mean).abs() / a.running_var.sqrt()).mean()),
-                   float((b.running_var / a.running_var).log().mean().exp()))
-                  for a, b in zip(batch_norm_layers(self.module.net), batch_norm_layers(model.net))]
+        shifts = [(layer["mean_shift_sd"], layer["variance_ratio"]) for layer in statistics_shift(self.module.net, model.net)]
         deeper = max(shifts[1:], key=lambda s: s[0]) if len(shifts) > 1 else (0.0, 1.0)
         return (f"| {name} | {len(split)} | {float((called == positive).float().mean()):.3f} | {float(binary_auroc(probs, labels)):.4f} | "
                 f"{float((called & positive).sum() / positive.sum()):.3f} | {float((~called & ~positive).sum() / (~positive).sum()):.3f} | "
@@ -153,9 +153,7 @@ def main() -> None:
     for name, model, split in rows:
         print(measure.row(name, model, split), flush=True)
     for name, model in (("the run's own", measure.module), ("AdaBN on every site image", rows[2][1])):
-        with torch.no_grad():
-            probs = torch.sigmoid(torch.cat([model.net.eval()(b) for b in measure.batches(site_test.images)]).flatten())
-        best, bound = threshold_bounds(probs, site_test.labels)
+        best, bound = threshold_bounds(torch.sigmoid(measure.logits(model, site_test.images).double()), site_test.labels)
         print(f"{name}, on the site test part (its labels read: a bound, not a choice): best ACC of any threshold {best:.4f}; "
               f"with specificity >= 0.90 {bound:.4f}")
 

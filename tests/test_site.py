@@ -229,7 +229,7 @@ def test_the_site_protocol_reports_the_test_part_before_and_after(resnet_run: Pa
 def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshold_nor_the_choice(
         choose: bool, resnet_run: Path, site_data: dict[str, Path]) -> None:
     from xray_cls.evaluation.reading import evaluation_data
-    from xray_cls.evaluation.site_protocol import site_candidates, site_choice, site_parts
+    from xray_cls.evaluation.site_protocol import calibration_patients, site_candidates, site_choice, site_parts
 
     cfg = compose_config(Path("unused"), ["data=folder", f"data.root={site_data['site']}", "site.calibration_fraction=0.2",
                                           "site.adapt=bn", "site.adapt_on=all", "site.recalibrate=true", f"site.choose={choose}"],
@@ -240,7 +240,7 @@ def test_the_test_parts_labels_change_neither_the_adapted_model_nor_its_threshol
     calibration, test, _ = site_parts(split, 0.2, 0)
     def candidates_and_choice() -> tuple:
         candidates, adaptation = site_candidates(cfg, "bn", module, datamodule, split, calibration)
-        return candidates, adaptation, site_choice(cfg, module, candidates, split, calibration) if choose else None
+        return candidates, adaptation, site_choice(cfg, module, candidates, calibration_patients(split, calibration)) if choose else None
 
     candidates, adaptation, choice = candidates_and_choice()
     split.labels[test] = 1 - split.labels[test]  # every test-part label flipped

@@ -29,11 +29,8 @@ def patient_split(
     """Indices (train, val): `fraction` of each class's patients in val, every image of a patient
     on the same side, the same for the same seed. A patient counts for the class of most of its
     images; one group per image makes this an image-level stratified split."""
-    members: dict[str, list[int]] = {}
-    for index, patient in enumerate(patients):
-        members.setdefault(patient, []).append(index)
-    values = labels.tolist()  # plain lists: a torch op per patient cost ~0.1 s at 5,000 images
-    majority = {group: majority_label([values[i] for i in index]) for group, index in members.items()}
+    members, majority = patient_classes(labels, patients)
+    values = labels.tolist()
     generator = torch.Generator().manual_seed(seed)
     val: list[int] = []
     for label in sorted(set(values)):
@@ -50,11 +47,8 @@ def patient_folds(labels: torch.Tensor, patients: list[str], folds: int, seed: i
     """The fold (0 to folds-1) of each image: each class's patients (by the class of most of their
     images) shuffled with `seed` and dealt out in turn, so that every fold holds about 1/folds of
     each class's patients and every image of a patient is in its patient's fold."""
-    members: dict[str, list[int]] = {}
-    for index, patient in enumerate(patients):
-        members.setdefault(patient, []).append(index)
+    members, majority = patient_classes(labels, patients)
     values = labels.tolist()
-    majority = {group: majority_label([values[i] for i in index]) for group, index in members.items()}
     generator = torch.Generator().manual_seed(seed)
     fold_of = [0] * len(patients)
     for label in sorted(set(values)):
@@ -63,6 +57,16 @@ def patient_folds(labels: torch.Tensor, patients: list[str], folds: int, seed: i
             for i in members[groups[k]]:
                 fold_of[i] = turn % folds
     return fold_of
+
+
+def patient_classes(labels: torch.Tensor, patients: list[str]) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """(each patient's image indices, in order of first appearance; each patient's class: that of
+    most of its images), what patient-level splits and folds deal out."""
+    members: dict[str, list[int]] = {}
+    for index, patient in enumerate(patients):
+        members.setdefault(patient, []).append(index)
+    values = labels.tolist()  # plain lists: a torch op per patient cost ~0.1 s at 5,000 images
+    return members, {group: majority_label([values[i] for i in index]) for group, index in members.items()}
 
 
 def majority_label(labels: list[int]) -> int:

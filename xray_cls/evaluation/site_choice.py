@@ -71,19 +71,11 @@ def calls_at(choices: ValChoices, logits: Tensor) -> Tensor:
     return torch.sigmoid(logits.double() / choices.temperature) > choices.threshold
 
 
-def majority_classes(labels: Tensor, patients: Sequence[str]) -> dict[str, int]:
-    """Each patient's class, as patient_folds deals patients out: the class of most of its images."""
-    from xray_cls.data.patients import majority_label
-
-    members: dict[str, list[int]] = {}
-    for patient, label in zip(patients, labels.tolist()):
-        members.setdefault(patient, []).append(label)
-    return {patient: majority_label(values) for patient, values in members.items()}
-
-
 def check_patients_per_class(labels: Tensor, patients: Sequence[str], names: Sequence[str]) -> None:
     """Out-of-fold recalibration leaves a patient's fold out: a class of one patient would be missing from it."""
-    classes = list(majority_classes(labels, patients).values())
+    from xray_cls.data.patients import patient_classes
+
+    classes = list(patient_classes(labels, list(patients))[1].values())
     for label, name in enumerate(names):
         if classes.count(label) < 2:
             raise UserInputError(

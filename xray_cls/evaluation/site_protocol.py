@@ -73,12 +73,13 @@ def evaluate_site(cfg: DictConfig, out_dir: Path, trainer: Any, module: Any, dat
     split = datamodule.splits["test"]
     names = module.hparams.preprocessing["class_names"]
     calibration, test, parts = site_parts(split, cfg.site.calibration_fraction, cfg.site.seed, names)
+    patients = calibration_patients(split, calibration)
     if cfg.site.choose:
         check_resamples(cfg.bootstrap.resamples)
-        check_patients_per_class(split.labels.cpu()[calibration], calibration_patients(split, calibration), names)
+        check_patients_per_class(split.labels.cpu()[calibration], patients, names)
     method = adaptation_method(cfg, module.net, ckpt)
     candidates, adaptation = site_candidates(cfg, method, module, datamodule, split, calibration)
-    choice = site_choice(cfg, module, candidates, split, calibration) if cfg.site.choose else None
+    choice = site_choice(cfg, module, candidates, patients) if cfg.site.choose else None
     chosen = choice["chosen"] if choice else next(iter(candidates))
     served = {name: part(datamodule, split, test, model) for name, (model, _, _) in candidates.items()}
     scored = {name: tested(trainer, model, served[name], choices, cfg) for name, (model, choices, _) in candidates.items()}
@@ -182,10 +183,10 @@ def site_candidates(cfg: DictConfig, method: str, module: Any, datamodule: Any, 
     return candidates, adaptation
 
 
-def site_choice(cfg: DictConfig, module: Any, candidates: dict[str, Candidate], split: Any, calibration: torch.Tensor) -> dict[str, Any]:
+def site_choice(cfg: DictConfig, module: Any, candidates: dict[str, Candidate], patients: list[str]) -> dict[str, Any]:
     """The choice among the four candidates (xray_cls.evaluation.site_choice), on the calibration
-    part's calls and labels alone: the recalibrated ones out of fold, the others at the run's threshold."""
-    patients = calibration_patients(split, calibration)
+    part's calls and labels alone (`patients`: each calibration image's): the recalibrated ones out
+    of fold, the others at the run's threshold."""
     names = module.hparams.preprocessing["class_names"]
     target = module.choices.target_sensitivity or cfg.target_sensitivity
 
